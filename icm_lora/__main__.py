@@ -1,0 +1,4 @@
+from icm_lora.cli import main
+
+if __name__ == "__main__":
+    main()

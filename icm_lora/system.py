@@ -1,0 +1,104 @@
+"""The LightningModule that trains the CVAE: reconstruction + beta * KL with KL annealing."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from icm_lora.cvae import CVAE, PAPER_CHANNELS
+
+KL_SCHEDULES = ("constant", "linear", "cyclical")
+
+
+def kl_beta(step: int, weight: float, schedule: str, warmup_steps: int, cycle_steps: int) -> float:
+    """beta at ``step``: constant; linear warm-up from 0; or cyclical (warm-up over the first half
+    of each cycle, then flat), as in Fu et al. 2019."""
+    if schedule == "constant" or (schedule == "linear" and warmup_steps <= 0):
+        return weight
+    if schedule == "linear":
+        return weight * min(1.0, step / warmup_steps)
+    if schedule == "cyclical":
+        phase = (step % max(1, cycle_steps)) / max(1, cycle_steps)
+        return weight * min(1.0, 2.0 * phase)
+    raise ValueError(f"kl_schedule must be one of {KL_SCHEDULES}, got {schedule!r}")
+
+
+class ICMLoRA(L.LightningModule):
+    """One conditional generator of LoRA weights for all tasks (ICM-LoRA).
+
+    Args:
+        lora_dim: flat LoRA length D (linked from the data module).
+        cond_dim: condition length C (linked from the data module).
+        latent_dim: size of the latent z.
+        channels: encoder conv channels (the decoder mirrors them); the paper uses 12 blocks.
+        kernel_size: conv kernel size.
+        kl_weight: final beta on the KL term (paper: 0.005).
+        kl_schedule: ``constant``, ``linear`` warm-up, or ``cyclical`` annealing.
+        kl_warmup_steps: steps of linear warm-up.
+        kl_cycle_steps: steps per cycle for ``cyclical``.
+        lr: AdamW learning rate (cosine decay to ``min_lr_ratio * lr`` over training).
+        min_lr_ratio: final learning rate as a fraction of ``lr``.
+        weight_decay: AdamW weight decay.
+        num_samples: adapters decoded per task by ``predict`` (z ~ N(0, I)); 0 decodes z = 0 once.
+    """
+
+    def __init__(self, lora_dim: int = 0, cond_dim: int = 0, latent_dim: int = 256,
+                 channels: tuple[int, ...] = PAPER_CHANNELS, kernel_size: int = 7, kl_weight: float = 0.005,
+                 kl_schedule: str = "linear", kl_warmup_steps: int = 500, kl_cycle_steps: int = 1000,
+                 lr: float = 2.0e-4, min_lr_ratio: float = 0.01, weight_decay: float = 0.0,
+                 num_samples: int = 1) -> None:
+        super().__init__()
+        if lora_dim <= 0 or cond_dim <= 0:
+            raise ValueError("lora_dim and cond_dim must be positive (the CLI links them from the data module)")
+        if kl_schedule not in KL_SCHEDULES:
+            raise ValueError(f"kl_schedule must be one of {KL_SCHEDULES}, got {kl_schedule!r}")
+        self.save_hyperparameters()
+        self.cvae = CVAE(lora_dim, cond_dim, latent_dim, tuple(channels), kernel_size)
+
+    @property
+    def beta(self) -> float:
+        h = self.hparams
+        return kl_beta(self.global_step, h.kl_weight, h.kl_schedule, h.kl_warmup_steps, h.kl_cycle_steps)
+
+    def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+        recon, kl = self.cvae.loss(batch["weights"], batch["condition"])  # (B, D), (B, C) -> scalars
+        beta = self.beta if stage == "train" else self.hparams.kl_weight
+        loss = recon + beta * kl
+        self.log_dict({f"{stage}/loss": loss, f"{stage}/recon": recon, f"{stage}/kl": kl, f"{stage}/beta": beta},
+                      batch_size=len(batch["weights"]), prog_bar=stage == "train")
+        return loss
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def generate(self, condition: Tensor, num_samples: int = 1, mean: bool = False) -> Tensor:
+        """(B, C) scaled conditions -> (B, S, D) normalised LoRA vectors, in eval mode, fp32."""
+        was_training = self.training
+        self.eval()
+        out = self.cvae.generate(condition.to(self.device, torch.float32), num_samples, mean).float()
+        self.train(was_training)
+        return out
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        n = self.hparams.num_samples
+        return {"name": batch["name"], "weights": self.generate(batch["condition"], max(1, n), mean=n == 0)}
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        floor = self.hparams.min_lr_ratio
+
+        def cosine(step: int) -> float:
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,73 @@
+"""The real entry point: ``python -m icm_lora fit|predict --config experiments/*.yaml``."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from icm_lora import files
+from icm_lora.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "experiments").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_experiment_yaml_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "data:" in printed and "model:" in printed and "eval:" in printed
+
+
+def test_tiny_fit_then_predict_through_the_cli(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    zoo_dir = tmp_path / "zoo"
+    common = ["--config", str(ROOT / "experiments" / "tiny.yaml"), "--data.zoo_dir", str(zoo_dir)]
+    main(["fit", *common])
+    run = tmp_path / "lightning_logs" / "version_0"
+    assert (run / "config.yaml").exists() and list(run.glob("events.out.tfevents.*"))
+    table = (run / "downstream_test.md").read_text()
+    for task in ("mathematics", "legal", "python", "mean"):
+        assert f"| {task} |" in table
+    assert (run / "downstream_test.csv").read_text().startswith("task,base_ppl,lora_ppl")
+    meta = files.read_json(zoo_dir / "metadata.json")
+    assert set(meta["tasks"]) == {"mathematics", "legal", "python"} and "conditions" in meta
+
+    task_file = tmp_path / "new_task.yaml"
+    task_file.write_text("name: new task\nexamples: ['def f(x):\n    return x', 'import os\nprint(os.sep)']\n")
+    ckpt = run / "checkpoints" / "last.ckpt"
+    out = tmp_path / "adapters"
+    main(["predict", *common, "--ckpt_path", str(ckpt), "--num_samples", "2", "--writer.output_dir", str(out),
+          "--data.predict_tasks", f"[legal, {task_file}]"])
+    folders = sorted(p.parent.relative_to(out).as_posix() for p in out.glob("*/*/adapter_config.json"))
+    assert folders == ["legal/sample_00", "legal/sample_01", "new_task/sample_00", "new_task/sample_01"]
+
+    config = files.read_json(out / "new_task" / "sample_00" / "adapter_config.json")
+    base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"]).eval()
+    ids = torch.tensor([[10, 20, 30, 40]])
+    with torch.no_grad():
+        bare = base(input_ids=ids).logits
+        tuned = PeftModel.from_pretrained(base, out / "new_task" / "sample_00")(input_ids=ids).logits
+    assert not torch.allclose(bare, tuned)
+
+    shard = zoo_dir / meta["tasks"]["legal"]["file"]
+    stamp = shard.stat().st_mtime_ns
+    main(["fit", *common, "--trainer.max_epochs", "1"])  # a second run reuses the zoo
+    assert shard.stat().st_mtime_ns == stamp
+
+
+def test_hub_config_offline_stops_with_a_clear_message(tmp_path):
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "icm_lora", "fit", "--config", str(ROOT / "experiments" / "arxiv.yaml"),
+                           "--data.zoo_dir", str(tmp_path / "zoo")], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode != 0
+    assert "Qwen/Qwen2.5-0.5B" in proc.stderr and "experiments/domains.yaml" in proc.stderr
+    assert "Traceback" not in proc.stderr

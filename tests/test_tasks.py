@@ -1,0 +1,68 @@
+import json
+
+import pytest
+
+from icm_lora.tasks import TaskSpec, TextBudget, load_documents, load_task_file, resolve_data_files, split_task
+
+
+def test_splits_are_disjoint_documents_within_budget(task_specs):
+    budget = TextBudget(train_chars=2000, val_chars=300, test_chars=300, num_demos=3, demo_chars=50)
+    task = split_task(task_specs[0], budget)
+    assert len(task.val) <= 300 + 2 * 40 and len(task.test) <= 300 + 2 * 40  # plus joining blank lines
+    assert sum(map(len, task.train)) == 2000
+    assert len(task.demos) == 3 and all(len(d) <= 50 for d in task.demos)
+    train_docs = set(task.train)
+    for held_out in task.val.split("\n\n") + task.test.split("\n\n"):
+        assert held_out not in train_docs
+    assert split_task(task_specs[0], budget) == task  # deterministic
+
+
+def test_where_filters_and_front_matter(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    rows = [{"text": "---\nkey: 1\n---\nbody one", "kind": "cs.LG stat.ML"}, {"text": "body two", "kind": "math.PR"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    spec = TaskSpec("t", builder="json", data_files=str(path), where={"kind": "cs.LG*"}, strip_front_matter=True)
+    assert load_documents(spec) == ["body one"]
+    assert load_documents(TaskSpec("t", builder="json", data_files=str(path), where={"kind": "math.PR"})) == ["body two"]
+
+
+def test_json_mapping_builder(tmp_path):
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps({"A": {"extract": "alpha", "topic": "x"}, "B": {"extract": "beta", "topic": "y"}}))
+    spec = TaskSpec("t", builder="json_mapping", data_files=str(path), text_field="extract", where={"topic": "y"})
+    assert load_documents(spec) == ["beta"]
+
+
+def test_empty_task_names_the_task_and_file(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text(json.dumps({"text": "   "}) + "\n")
+    with pytest.raises(ValueError, match=r"task 'nothing' is empty.*empty.jsonl"):
+        load_documents(TaskSpec("nothing", builder="json", data_files=str(path)))
+    with pytest.raises(KeyError, match="no column 'body'"):
+        load_documents(TaskSpec("t", builder="json", data_files=str(path), text_field="body"))
+
+
+def test_too_little_text_for_a_split(tmp_path):
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps({"text": "only one document"}) + "\n")
+    with pytest.raises(ValueError, match="'short' has too little text"):
+        split_task(TaskSpec("short", builder="json", data_files=str(path)), TextBudget())
+
+
+def test_placeholders_resolve_and_missing_files_are_named(tmp_path):
+    assert resolve_data_files("{stdlib}/json/__init__.py")[0].endswith("json/__init__.py")
+    assert resolve_data_files("{pkg:pytest}/__init__.py")
+    with pytest.raises(FileNotFoundError, match="nope"):
+        resolve_data_files(str(tmp_path / "nope*.txt"))
+    with pytest.raises(ModuleNotFoundError, match="no_such_pkg"):
+        resolve_data_files("{pkg:no_such_pkg}/x")
+
+
+def test_task_file_validation(tmp_path):
+    good = tmp_path / "t.yaml"
+    good.write_text("name: new\ndescription: something\nexamples: [a, b]\n")
+    assert load_task_file(good)["examples"] == ["a", "b"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: new\n")
+    with pytest.raises(ValueError, match="bad.yaml.*examples"):
+        load_task_file(bad)
