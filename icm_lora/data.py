@@ -27,17 +27,24 @@ CONDITIONS = "conditions.safetensors"
 
 
 class ZooDataset(Dataset):
-    """(task, checkpoint) pairs of a zoo -> dict(weights (D,), condition (C,), task ())."""
+    """(task index, checkpoint row) pairs -> dict(weights (D,), condition (C,), task ()).
 
-    def __init__(self, zoo: Zoo, items: list[tuple[int, int]], normalizer: Normalizer, conditions: Tensor) -> None:
-        self.zoo, self.items, self.normalizer, self.conditions = zoo, items, normalizer, conditions
+    ``names[t]`` is the zoo task whose checkpoints pair with ``conditions[t]``; the zoo's own task
+    order is never used, so conditions and weights cannot drift apart.
+    """
+
+    def __init__(self, zoo: Zoo, names: list[str], items: list[tuple[int, int]], normalizer: Normalizer,
+                 conditions: Tensor) -> None:
+        if len(names) != len(conditions):
+            raise ValueError(f"{len(names)} task names but {len(conditions)} conditions")
+        self.zoo, self.names, self.items, self.normalizer, self.conditions = zoo, names, items, normalizer, conditions
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         task, row = self.items[i]
-        weights = self.zoo.checkpoint(self.zoo.task_names[task], row)
+        weights = self.zoo.checkpoint(self.names[task], row)
         return {"weights": self.normalizer.normalize(weights), "condition": self.conditions[task],
                 "task": torch.tensor(task)}
 
@@ -227,7 +234,7 @@ class ZooDataModule(L.LightningDataModule):
 
     # ---- loaders --------------------------------------------------------------------------
     def _dataset(self, items: list[tuple[int, int]]) -> ZooDataset:
-        return ZooDataset(self.zoo, items, self.normalizer, self.conditions)
+        return ZooDataset(self.zoo, self.task_names, items, self.normalizer, self.conditions)
 
     def train_dataloader(self) -> DataLoader:
         sampler = MetaBatchSampler([t for t, _ in self.train_items], self.tasks_per_batch,

@@ -7,9 +7,9 @@ bare base is scored with the adapter disabled, so the base weights are never tou
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F

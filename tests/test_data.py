@@ -1,0 +1,58 @@
+import shutil
+from collections import Counter
+
+import pytest
+import torch
+
+from conftest import BUDGET, CONDITION, LORA, TRAINING
+from icm_lora import base
+from icm_lora.data import MetaBatchSampler, ZooDataModule
+
+
+@pytest.fixture
+def datamodule(tiny_zoo, task_specs, cache_dir, tmp_path):
+    root = tmp_path / "zoo"
+    shutil.copytree(tiny_zoo, root)
+    # The spec order differs from the zoo's build order on purpose.
+    dm = ZooDataModule(str(root), base.TINY_LLAMA, list(reversed(task_specs)), BUDGET, LORA, TRAINING, CONDITION,
+                       tasks_per_batch=2, checkpoints_per_task=2, val_every=5, cache_dir=str(cache_dir))
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def test_items_pair_each_tasks_weights_with_its_own_condition(datamodule):
+    dm = datamodule
+    assert dm.task_names == ["code", "animals", "numbers"] and dm.zoo.task_names[0] == "numbers"
+    ds = dm.train_dataloader().dataset
+    for i, (t, row) in enumerate(ds.items):
+        item = ds[i]
+        expected = dm.normalizer.normalize(dm.zoo.checkpoint(dm.task_names[t], row))
+        assert torch.equal(item["weights"], expected) and torch.equal(item["condition"], dm.conditions[t])
+        assert item["task"] == t
+
+
+def test_shapes_and_splits(datamodule):
+    dm = datamodule
+    assert dm.lora_dim == dm.zoo.layout.dim and dm.cond_dim == dm.conditions.shape[1] == 64
+    assert len(dm.val_items) == 3 and len(dm.train_items) == 3 * (TRAINING.num_checkpoints - 1)
+    assert not set(dm.val_items) & set(dm.train_items)
+    assert dm.conditions.mean(0).abs().max() < 1e-5  # centred over the zoo's tasks
+    assert not torch.allclose(dm.conditions[0], dm.conditions[1])
+
+
+def test_meta_batches_hold_distinct_tasks_and_equal_shares():
+    sampler = MetaBatchSampler([0] * 10 + [1] * 10 + [2] * 10, tasks_per_batch=2, per_task=3, seed=0)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 5
+    for batch in batches:
+        counts = Counter(i // 10 for i in batch)
+        assert len(counts) == 2 and set(counts.values()) == {3} and len(set(batch)) == 6
+    assert batches != list(sampler)  # a new order every epoch
+
+
+def test_wrong_task_or_empty_task_list(datamodule, tmp_path, task_specs, cache_dir):
+    with pytest.raises(ValueError, match="tasks is empty"):
+        ZooDataModule(str(tmp_path), base.TINY_LLAMA, [], cache_dir=str(cache_dir))
+    with pytest.raises(ValueError, match="unique"):
+        ZooDataModule(str(tmp_path), base.TINY_LLAMA, [task_specs[0], task_specs[0]], cache_dir=str(cache_dir))
