@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import statistics
+import time
 from pathlib import Path
 
 import lightning as L
@@ -45,6 +46,7 @@ class DownstreamEval(Callback):
         self.precision, self.swap_shift, self.seed = precision, swap_shift, seed
         self.live: LiveAdapter | None = None
         self._cache: dict[tuple[str, str], object] = {}
+        self.seconds: dict[str, float] = {}  # wall time spent in downstream evaluation
 
     def _setup(self, dm, device: torch.device) -> None:
         if self.live is None:
@@ -77,6 +79,11 @@ class DownstreamEval(Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
+        start = time.time()
+        self._validate(trainer, pl_module)
+        self.seconds["validation"] = self.seconds.get("validation", 0.0) + time.time() - start
+
+    def _validate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         dm = trainer.datamodule
         self._setup(dm, pl_module.device)
         gen = self._decode(pl_module, dm, dm.conditions, 1, mean=True)[:, 0]  # (T, D)
@@ -93,6 +100,11 @@ class DownstreamEval(Callback):
 
     @torch.no_grad()
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        start = time.time()
+        self._test(trainer, pl_module)
+        self.seconds["test"] = time.time() - start
+
+    def _test(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         dm = trainer.datamodule
         self._setup(dm, pl_module.device)
         torch.manual_seed(self.seed)
@@ -121,7 +133,11 @@ class DownstreamEval(Callback):
 
     def _report(self, trainer: L.Trainer, pl_module: L.LightningModule, rows: list[dict]) -> None:
         mean_row = {"task": "mean"} | {k: statistics.fmean(r[k] for r in rows) for k in rows[0] if k != "task"}
-        pl_module.log_dict({f"test/{r['task']}/{k}": v for r in rows + [mean_row] for k, v in r.items() if k != "task"})
+        # Averages go through Lightning (and its end-of-test summary); per-task values to the logger only.
+        pl_module.log_dict({f"test/mean/{k}": v for k, v in mean_row.items() if k != "task"})
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({f"test/{r['task']}/{k}": v for r in rows for k, v in r.items() if k != "task"},
+                                       step=trainer.global_step)
         markdown, table_csv = format_table(rows + [mean_row])
         out = Path(trainer.log_dir or ".")
         files.write_text(out / "downstream_test.md", markdown)

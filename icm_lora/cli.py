@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from icm_lora import files
 from icm_lora.base import Unreachable
 from icm_lora.callbacks import AdapterWriter, DownstreamEval
 from icm_lora.data import ZooDataModule
@@ -27,12 +31,37 @@ class ICMLoRACLI(LightningCLI):
                              "checkpoint.save_last": True, "checkpoint.filename": "{epoch}-{val/gen_ppl_ratio:.4f}",
                              "checkpoint.auto_insert_metric_name": False})
 
+    def before_fit(self) -> None:
+        self._fit_start = time.time()
+
     def after_fit(self) -> None:
         """Report on test with the checkpoint chosen on validation (never a test-picked one)."""
         if self.trainer.interrupted:
             return
+        fit_seconds = time.time() - self._fit_start
         best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
+        if best:  # a stable name for `predict` (and `make predict`): the checkpoint chosen on validation
+            link = Path(best).with_name("best.ckpt")
+            link.unlink(missing_ok=True)
+            link.symlink_to(Path(best).name)
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
+        self._report_phases(fit_seconds, best)
+
+    def _report_phases(self, fit_seconds: float, best: str) -> None:
+        """Wall time of each phase of this run, printed and written beside the logs."""
+        built = self.datamodule.phase_seconds
+        evaluation = self.trainer.callbacks
+        spent = next((c.seconds for c in evaluation if isinstance(c, DownstreamEval)), {})
+        phases = {"base model resolve (GGUF conversion on the first run)": self.datamodule.init_seconds} | built
+        phases["CVAE training (fit, without its validation evaluations)"] = (
+            fit_seconds - sum(built.values()) - spent.get("validation", 0.0))
+        phases["downstream validation (every check_val_every_n_epoch)"] = spent.get("validation", 0.0)
+        phases["downstream test table"] = spent.get("test", 0.0)
+        lines = ["| phase | seconds |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in phases.items()]
+        lines.append(f"| total | {sum(phases.values()):.0f} |")
+        text = "\n".join(lines) + f"\n\nCheckpoint chosen on validation: {best or '(last)'}\n"
+        files.write_text(Path(self.trainer.log_dir or ".") / "phases.md", text)
+        print(f"\nPhase wall times:\n{text}")
 
 
 def main(args: list[str] | None = None) -> ICMLoRACLI:

@@ -8,6 +8,7 @@ safetensors shards on demand, so the zoo never has to fit in memory.
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import asdict
 from functools import cached_property
 from pathlib import Path
@@ -120,8 +121,11 @@ class ZooDataModule(L.LightningDataModule):
         self.normalization, self.val_every, self.seed = normalization, val_every, seed
         self.tasks_per_batch, self.checkpoints_per_task = tasks_per_batch, checkpoints_per_task
         self.predict_tasks, self.num_workers = list(predict_tasks or []), num_workers
+        self.phase_seconds: dict[str, float] = {}  # wall time of what prepare_data built in this run
         # Shapes the generator needs, known before any zoo exists (linked into the model by the CLI).
-        config = base.load_config(base_model, cache_dir)
+        start = time.time()
+        config = base.load_config(base_model, cache_dir)  # converts a packaged model once
+        self.init_seconds = time.time() - start
         self.layout = lora_layout(config, self.lora)
         self.lora_dim = self.layout.dim
         self.cond_dim = config.hidden_size if self.condition.kind == "task_vector" else embedding_dim(self.condition.embedder)
@@ -143,9 +147,16 @@ class ZooDataModule(L.LightningDataModule):
         if all(have["tasks"].get(n, {}).get("hash") == h for n, h in wanted.items()) and \
                 have.get("conditions", {}).get("hash") == cond_hash and (self.zoo_dir / CONDITIONS).exists():
             return
+        start = time.time()
         model, tokenizer = base.load(self.base_model, self.cache_dir)
-        build(self.zoo_dir, model, tokenizer, self.base_model, self.tasks, self.task_hashes(), self.lora, self.training)
+        tasks = self.tasks
+        self.phase_seconds["base model + task text"] = time.time() - start
+        start = time.time()
+        build(self.zoo_dir, model, tokenizer, self.base_model, tasks, self.task_hashes(), self.lora, self.training)
+        self.phase_seconds["LoRA zoo"] = time.time() - start
+        start = time.time()
         self._build_conditions(model, tokenizer, cond_hash)
+        self.phase_seconds["task vectors + description embeddings"] = time.time() - start
 
     def _condition_hash(self) -> str:
         spec = asdict(self.condition) | {"kind": None}

@@ -32,6 +32,7 @@ def test_tiny_fit_then_predict_through_the_cli(tmp_path, monkeypatch):
     common = ["--config", str(ROOT / "experiments" / "tiny.yaml"), "--data.zoo_dir", str(zoo_dir)]
     main(["fit", *common])
     run = tmp_path / "lightning_logs" / "version_0"
+    assert (run / "checkpoints" / "best.ckpt").resolve().exists() and (run / "phases.md").exists()
     assert (run / "config.yaml").exists() and list(run.glob("events.out.tfevents.*"))
     table = (run / "downstream_test.md").read_text()
     for task in ("mathematics", "legal", "python", "mean"):

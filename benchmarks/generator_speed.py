@@ -1,0 +1,82 @@
+"""Time the CVAE: decoding one LoRA (batch 1, z ~ N(0, I)) and training throughput.
+
+    python benchmarks/generator_speed.py --device cpu --dims 30720 92160
+    python benchmarks/generator_speed.py --device cuda --dims 30720 460800 1929928
+
+Prints a markdown table (median of ``--repeats`` timed runs after warm-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from icm_lora.cvae import CVAE
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_call(fn, device: str, warmup: int, repeats: int) -> float:
+    """Median seconds of ``fn()``."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench(dim: int, cond_dim: int, device: str, batch: int, bf16: bool, warmup: int, repeats: int) -> dict:
+    model = CVAE(dim, cond_dim).to(device)
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
+    c1 = torch.randn(1, cond_dim, device=device)
+    model.eval()
+    with autocast:
+        decode = time_call(lambda: model.generate(c1, 1), device, warmup, repeats)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    w, c = torch.randn(batch, dim, device=device), torch.randn(batch, cond_dim, device=device)
+
+    def step() -> None:
+        with autocast:
+            recon, kl = model.loss(w, c)
+        (recon + 0.005 * kl).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    train = time_call(step, device, warmup, repeats)
+    params = sum(p.numel() for p in model.parameters())
+    return {"dim": dim, "params": params, "decode_ms": 1000 * decode, "train_samples_s": batch / train}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dims", type=int, nargs="+", default=[30_720, 92_160])
+    parser.add_argument("--cond_dim", type=int, default=576)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {name}; torch {torch.__version__}; {'fp32' if args.fp32 else 'bf16 autocast'}; "
+          f"training batch {args.batch}\n")
+    print("| flat LoRA length | CVAE parameters | decode one LoRA (ms) | training (samples/s) |\n|---|---|---|---|")
+    for dim in args.dims:
+        r = bench(dim, args.cond_dim, args.device, args.batch, not args.fp32, args.warmup, args.repeats)
+        print(f"| {r['dim']:,} | {r['params'] / 1e6:.1f} M | {r['decode_ms']:.2f} | {r['train_samples_s']:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
