@@ -21,18 +21,19 @@ from icm_lora.tasks import slug
 
 
 class DownstreamEval(Callback):
-    """At every validation epoch, and at test, decodes each task's LoRA and scores it on held-out text.
+    """Decodes each task's LoRA, swaps it into the base model and scores it on held-out text.
 
-    Validation (runs every ``trainer.check_val_every_n_epoch`` epochs, never in the sanity check):
-    perplexity of the mean decode (z = 0) on each task's validation text, its ratio to the task's
-    own LoRA (``val/gen_ppl_ratio``, the metric for checkpoint selection), and the reconstruction
-    error / cosine similarity to the task's zoo checkpoints. Test: the per-task table of the bare base
-    model, the task's own LoRA, the soup, ``num_samples`` generated LoRAs (mean and std), the mean
-    decode, and the mean decode with another task's condition (the control), written as markdown
-    and CSV beside the TensorBoard logs.
+    At every validation (every ``trainer.check_val_every_n_epoch`` epochs, never in the sanity
+    check) on each task's validation text, and at test on its test text, one row per task: the bare
+    base model, the task's own LoRA, the soup (mean of the tasks' final LoRAs), generated LoRAs
+    (mean and std over samples z ~ N(0, I)), the z = 0 decode, the z = 0 decode with another task's
+    condition (the control), reconstruction MSE and cosine similarity to the task's zoo checkpoints.
+    Tables go to TensorBoard (text and scalars) and to ``downstream_{val,test}.{md,csv}`` beside the
+    logs. ``val/gen_ppl_ratio`` (z = 0 decode over own LoRA, averaged over tasks) selects checkpoints.
 
     Args:
-        num_samples: generated adapters (z ~ N(0, I)) per task at test.
+        num_samples: generated adapters per task at test.
+        val_samples: generated adapters per task at validation (0: the z = 0 decode stands in).
         block_size: tokens per scored block.
         batch_size: blocks per forward pass.
         precision: ``bf16`` autocast or ``fp32`` for scoring.
@@ -40,9 +41,10 @@ class DownstreamEval(Callback):
         seed: seed for the test samples.
     """
 
-    def __init__(self, num_samples: int = 3, block_size: int = 256, batch_size: int = 4,
+    def __init__(self, num_samples: int = 3, val_samples: int = 0, block_size: int = 256, batch_size: int = 4,
                  precision: str = "bf16", swap_shift: int = 1, seed: int = 0) -> None:
-        self.num_samples, self.block_size, self.batch_size = num_samples, block_size, batch_size
+        self.num_samples, self.val_samples = num_samples, val_samples
+        self.block_size, self.batch_size = block_size, batch_size
         self.precision, self.swap_shift, self.seed = precision, swap_shift, seed
         self.live: LiveAdapter | None = None
         self._cache: dict[tuple[str, str], object] = {}
@@ -58,8 +60,9 @@ class DownstreamEval(Callback):
         with self.live.use(flat) as model:
             return self.scorer.score(model, text)
 
-    def _cached(self, key: tuple[str, str], flat_fn, text: str):
-        """Scores of fixed adapters (base, own LoRA, soup) are computed once per text."""
+    def _fixed(self, kind: str, split: str, name: str, flat_fn, text: str):
+        """Scores of fixed adapters (base, own LoRA, soup) are computed once per task and split."""
+        key = (kind, split, name)
         if key not in self._cache:
             self._cache[key] = self._score(flat_fn(), text)
         return self._cache[key]
@@ -75,77 +78,70 @@ class DownstreamEval(Callback):
         cos = F.cosine_similarity(flat.unsqueeze(0), ckpts, dim=-1).mean().item()
         return mse, cos
 
-    @torch.no_grad()
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        start = time.time()
-        self._validate(trainer, pl_module)
-        self.seconds["validation"] = self.seconds.get("validation", 0.0) + time.time() - start
-
-    def _validate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        dm = trainer.datamodule
-        self._setup(dm, pl_module.device)
-        gen = self._decode(pl_module, dm, dm.conditions, 1, mean=True)[:, 0]  # (T, D)
-        ratios, metrics = [], {}
-        for t, (task, name) in enumerate(zip(dm.tasks, dm.task_names)):
-            own = self._cached(("own", name), lambda n=name: dm.zoo.final(n), task.val)
-            score = self._score(gen[t], task.val)
-            mse, cos = self._similarity(dm, name, gen[t])
-            ratios.append(score.ppl / own.ppl)
-            metrics |= {f"downstream/{name}/val_ppl": score.ppl, f"downstream/{name}/val_bpc": score.bpc,
-                        f"downstream/{name}/recon_mse": mse, f"downstream/{name}/cosine": cos}
-        metrics["val/gen_ppl_ratio"] = sum(ratios) / len(ratios)
-        pl_module.log_dict(metrics)
-
-    @torch.no_grad()
-    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        start = time.time()
-        self._test(trainer, pl_module)
-        self.seconds["test"] = time.time() - start
-
-    def _test(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        dm = trainer.datamodule
-        self._setup(dm, pl_module.device)
+    def _rows(self, pl_module, dm, split: str, num_samples: int) -> list[dict]:
+        """One row per task on its ``split`` text; ``num_samples == 0`` scores only the z = 0 decode."""
         torch.manual_seed(self.seed)
-        samples = self._decode(pl_module, dm, dm.conditions, self.num_samples, mean=False)  # (T, S, D)
         means = self._decode(pl_module, dm, dm.conditions, 1, mean=True)[:, 0]  # (T, D)
+        samples = self._decode(pl_module, dm, dm.conditions, num_samples, mean=False) if num_samples else None
         swapped = means.roll(-self.swap_shift, dims=0)  # row i was decoded with task i + shift's condition
-        soup = dm.zoo.soup()
+        soup = dm.zoo.soup(dm.task_names)
         rows = []
         for t, (task, name) in enumerate(zip(dm.tasks, dm.task_names)):
-            base_s = self._cached(("base", name), lambda: None, task.test)
-            own = self._cached(("own-test", name), lambda n=name: dm.zoo.final(n), task.test)
-            soup_s = self._cached(("soup-test", name), lambda: soup, task.test)
-            gens = [self._score(s, task.test) for s in samples[t]]
-            mean_s, swap_s = self._score(means[t], task.test), self._score(swapped[t], task.test)
+            text = task.val if split == "val" else task.test
+            base_s = self._fixed("base", split, name, lambda: None, text)
+            own = self._fixed("own", split, name, lambda n=name: dm.zoo.final(n), text)
+            soup_s = self._fixed("soup", split, name, lambda: soup, text)
+            z0, swap = self._score(means[t], text), self._score(swapped[t], text)
+            gens = [self._score(s, text) for s in samples[t]] if samples is not None else [z0]
             mse, cos = self._similarity(dm, name, means[t])
             ppls = [g.ppl for g in gens]
             rows.append({
                 "task": name, "base_ppl": base_s.ppl, "lora_ppl": own.ppl, "soup_ppl": soup_s.ppl,
                 "gen_ppl_mean": statistics.fmean(ppls), "gen_ppl_std": statistics.pstdev(ppls),
-                "gen_z0_ppl": mean_s.ppl, "swapped_ppl": swap_s.ppl,
-                "gen_vs_lora_pct": 100 * (statistics.fmean(ppls) / own.ppl - 1),
+                "gen_z0_ppl": z0.ppl, "swapped_ppl": swap.ppl,
+                "gen_vs_lora_pct": 100 * (statistics.fmean(ppls) / own.ppl - 1), "z0_vs_lora": z0.ppl / own.ppl,
                 "base_bpc": base_s.bpc, "lora_bpc": own.bpc, "gen_bpc_mean": statistics.fmean(g.bpc for g in gens),
                 "recon_mse": mse, "cosine": cos,
             })
-        self._report(trainer, pl_module, rows)
+        return rows
 
-    def _report(self, trainer: L.Trainer, pl_module: L.LightningModule, rows: list[dict]) -> None:
+    @torch.no_grad()
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        start = time.time()
+        self._evaluate(trainer, pl_module, "val", self.val_samples)
+        self.seconds["validation"] = self.seconds.get("validation", 0.0) + time.time() - start
+
+    @torch.no_grad()
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        start = time.time()
+        self._evaluate(trainer, pl_module, "test", self.num_samples)
+        self.seconds["test"] = time.time() - start
+
+    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, split: str, num_samples: int) -> None:
+        dm = trainer.datamodule
+        self._setup(dm, pl_module.device)
+        rows = self._rows(pl_module, dm, split, num_samples)
         mean_row = {"task": "mean"} | {k: statistics.fmean(r[k] for r in rows) for k in rows[0] if k != "task"}
-        # Averages go through Lightning (and its end-of-test summary); per-task values to the logger only.
-        pl_module.log_dict({f"test/mean/{k}": v for k, v in mean_row.items() if k != "task"})
+        # Averages go through Lightning (the checkpoint monitor reads val/gen_ppl_ratio); per-task values
+        # go to the logger only, so Lightning's end-of-test summary stays short.
+        logged = {f"{split}/mean/{k}": v for k, v in mean_row.items() if k != "task"}
+        if split == "val":
+            logged["val/gen_ppl_ratio"] = mean_row["z0_vs_lora"]
+        pl_module.log_dict(logged)
         if trainer.logger is not None:
-            trainer.logger.log_metrics({f"test/{r['task']}/{k}": v for r in rows for k, v in r.items() if k != "task"},
-                                       step=trainer.global_step)
+            trainer.logger.log_metrics({f"downstream/{r['task']}/{split}_{k}": v for r in rows
+                                        for k, v in r.items() if k != "task"}, step=trainer.global_step)
         markdown, table_csv = format_table(rows + [mean_row])
         out = Path(trainer.log_dir or ".")
-        files.write_text(out / "downstream_test.md", markdown)
-        files.write_text(out / "downstream_test.csv", table_csv)
+        files.write_text(out / f"downstream_{split}.md", markdown)
+        files.write_text(out / f"downstream_{split}.csv", table_csv)
         experiment = getattr(trainer.logger, "experiment", None)
         if hasattr(experiment, "add_text"):
-            experiment.add_text("downstream/test_table", markdown, trainer.global_step)
-        print(f"\nPer-task test table ({out / 'downstream_test.md'}):\n{markdown}")
+            experiment.add_text(f"downstream/{split}_table", markdown, trainer.global_step)
+        if split == "test":
+            print(f"\nPer-task test table ({out / 'downstream_test.md'}):\n{markdown}")
 
 
 COLUMNS = [("task", "task", "{}"), ("base_ppl", "base", "{:.2f}"), ("lora_ppl", "own LoRA", "{:.2f}"),

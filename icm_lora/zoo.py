@@ -153,9 +153,9 @@ class Zoo:
         """(D,) the task's final adapter (its own LoRA, the baseline the generator must match)."""
         return files.load_tensors(self.shard_path(task))["final"]
 
-    def soup(self) -> Tensor:
-        """(D,) the uniform mean of every task's final adapter (the model-soup baseline)."""
-        return torch.stack([self.final(t) for t in self.task_names]).mean(0)
+    def soup(self, tasks: list[str] | None = None) -> Tensor:
+        """(D,) the uniform mean of the final adapters of ``tasks`` (default: all; the model-soup baseline)."""
+        return torch.stack([self.final(t) for t in tasks or self.task_names]).mean(0)
 
     def normalizer(self, scheme: str, tasks: list[str] | None = None) -> Normalizer:
         """Zoo-wide statistics over every kept checkpoint of ``tasks`` (default: all)."""

@@ -34,6 +34,7 @@ def test_tiny_fit_then_predict_through_the_cli(tmp_path, monkeypatch):
     run = tmp_path / "lightning_logs" / "version_0"
     assert (run / "checkpoints" / "best.ckpt").resolve().exists() and (run / "phases.md").exists()
     assert (run / "config.yaml").exists() and list(run.glob("events.out.tfevents.*"))
+    assert "| mean |" in (run / "downstream_val.md").read_text()
     table = (run / "downstream_test.md").read_text()
     for task in ("mathematics", "legal", "python", "mean"):
         assert f"| {task} |" in table

@@ -56,3 +56,17 @@ def test_wrong_task_or_empty_task_list(datamodule, tmp_path, task_specs, cache_d
         ZooDataModule(str(tmp_path), base.TINY_LLAMA, [], cache_dir=str(cache_dir))
     with pytest.raises(ValueError, match="unique"):
         ZooDataModule(str(tmp_path), base.TINY_LLAMA, [task_specs[0], task_specs[0]], cache_dir=str(cache_dir))
+
+
+def test_description_conditioning(datamodule, task_specs, cache_dir):
+    from dataclasses import replace
+
+    dm = ZooDataModule(str(datamodule.zoo_dir), base.TINY_LLAMA, task_specs, BUDGET, LORA, TRAINING,
+                       replace(CONDITION, kind="description"), cache_dir=str(cache_dir))
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.cond_dim == 384 and dm.conditions.shape == (3, 384)
+    new = dm.condition_for(None, "texts about numbers", "n")
+    assert torch.nn.functional.cosine_similarity(new, dm.conditions[0], dim=0) > 0.9  # 'numbers' is task 0
+    with pytest.raises(ValueError, match="needs a 'description'"):
+        dm.condition_for(["some text"], None, "x")
