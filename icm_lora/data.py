@@ -96,6 +96,7 @@ class ZooDataModule(L.LightningDataModule):
             ``description`` and/or ``examples``).
         num_workers: DataLoader workers.
         cache_dir: where converted base models are cached (default ``~/.cache/icm_lora``).
+        build_device: device for building the zoo and task vectors (``auto``: CUDA when available).
         seed: seed of the meta-batch order.
     """
 
@@ -105,7 +106,7 @@ class ZooDataModule(L.LightningDataModule):
                  condition: ConditionSpec | None = None, normalization: str = "element",
                  tasks_per_batch: int = 4, checkpoints_per_task: int = 2, val_every: int = 10,
                  predict_tasks: list[str] | None = None, num_workers: int = 0,
-                 cache_dir: str | None = None, seed: int = 0) -> None:
+                 cache_dir: str | None = None, build_device: str = "auto", seed: int = 0) -> None:
         super().__init__()
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
@@ -119,6 +120,7 @@ class ZooDataModule(L.LightningDataModule):
         self.text, self.lora = text or TextBudget(), lora or LoRASpec()
         self.training, self.condition = training or ZooTraining(), condition or ConditionSpec()
         self.normalization, self.val_every, self.seed = normalization, val_every, seed
+        self.build_device = ("cuda" if torch.cuda.is_available() else "cpu") if build_device == "auto" else build_device
         self.tasks_per_batch, self.checkpoints_per_task = tasks_per_batch, checkpoints_per_task
         self.predict_tasks, self.num_workers = list(predict_tasks or []), num_workers
         self.phase_seconds: dict[str, float] = {}  # wall time of what prepare_data built in this run
@@ -149,6 +151,7 @@ class ZooDataModule(L.LightningDataModule):
             return
         start = time.time()
         model, tokenizer = base.load(self.base_model, self.cache_dir)
+        model.to(self.build_device)
         tasks = self.tasks
         self.phase_seconds["base model + task text"] = time.time() - start
         start = time.time()
