@@ -25,7 +25,7 @@ reproduce: domains  ## every reported table (for now: the domains run)
 
 predict:  ## adapters for a seen and an unseen task from the newest run's validation-chosen checkpoint (or CKPT=...)
 	$(PY) -m icm_lora predict --config experiments/domains.yaml --num_samples 3 \
-	  --ckpt_path $${CKPT:-$$(ls -td lightning_logs/*/ | head -1)checkpoints/best.ckpt)} \
+	  --ckpt_path $${CKPT:-$$(ls -t lightning_logs/*/checkpoints/best.ckpt | head -1)} \
 	  --data.predict_tasks '[mathematics, experiments/tasks/everyday_life.yaml]'
 
 test:  ## the test suite without slow tests (minutes on 2 CPU cores)
