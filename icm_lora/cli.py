@@ -27,9 +27,14 @@ class ICMLoRACLI(LightningCLI):
         parser.add_lightning_class_args(DownstreamEval, "eval")
         parser.add_lightning_class_args(AdapterWriter, "writer")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # Selection: the checkpoint with the best validation ratio of generated to own-LoRA perplexity.
         parser.set_defaults({"checkpoint.monitor": "val/gen_ppl_ratio", "checkpoint.mode": "min",
-                             "checkpoint.save_last": True, "checkpoint.filename": "{epoch}-{val/gen_ppl_ratio:.4f}",
+                             "checkpoint.filename": "{epoch}-{val/gen_ppl_ratio:.4f}",
                              "checkpoint.auto_insert_metric_name": False})
+        # Resumption: the state after the latest epoch, overwritten in place (`fit --ckpt_path .../resume.ckpt`).
+        parser.add_lightning_class_args(ModelCheckpoint, "resume_checkpoint")
+        parser.set_defaults({"resume_checkpoint.filename": "resume", "resume_checkpoint.save_top_k": 1,
+                             "resume_checkpoint.enable_version_counter": False})
 
     def before_fit(self) -> None:
         self._fit_start = time.time()
@@ -39,7 +44,8 @@ class ICMLoRACLI(LightningCLI):
         if self.trainer.interrupted:
             return
         fit_seconds = time.time() - self._fit_start
-        best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
+        selectors = [c for c in self.trainer.checkpoint_callbacks if c.monitor]
+        best = selectors[0].best_model_path if selectors else ""
         if best:  # a stable name for `predict` (and `make predict`): the checkpoint chosen on validation
             link = Path(best).with_name("best.ckpt")
             link.unlink(missing_ok=True)

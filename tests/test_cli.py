@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
 from icm_lora import files
@@ -44,7 +45,7 @@ def test_tiny_fit_then_predict_through_the_cli(tmp_path, monkeypatch):
 
     task_file = tmp_path / "new_task.yaml"
     task_file.write_text("name: new task\nexamples: ['def f(x):\n    return x', 'import os\nprint(os.sep)']\n")
-    ckpt = run / "checkpoints" / "last.ckpt"
+    ckpt = run / "checkpoints" / "best.ckpt"
     out = tmp_path / "adapters"
     main(["predict", *common, "--ckpt_path", str(ckpt), "--num_samples", "2", "--writer.output_dir", str(out),
           "--data.predict_tasks", f"[legal, {task_file}]"])
@@ -61,8 +62,15 @@ def test_tiny_fit_then_predict_through_the_cli(tmp_path, monkeypatch):
 
     shard = zoo_dir / meta["tasks"]["legal"]["file"]
     stamp = shard.stat().st_mtime_ns
-    main(["fit", *common, "--trainer.max_epochs", "1"])  # a second run reuses the zoo
+    resume = run / "checkpoints" / "resume.ckpt"
+    saved = torch.load(resume, weights_only=False)
+    assert saved["epoch"] == 1  # the latest epoch (of max_epochs 2)
+    cli = main(["fit", *common, "--trainer.max_epochs", "3", "--ckpt_path", str(resume)])  # resumes; reuses the zoo
     assert shard.stat().st_mtime_ns == stamp
+    events = EventAccumulator(str(next(Path(cli.trainer.log_dir).glob("events.out.tfevents.*"))))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert min(steps) >= saved["global_step"]  # training went on from the saved step, not from 0
 
 
 def test_hub_config_offline_stops_with_a_clear_message(tmp_path):
