@@ -29,6 +29,9 @@ class ConditionSpec:
             (sentence embedding of the task's description).
         layer: hidden-state index for task vectors (``-1``: the last decoder layer's output, as in
             the paper's hook).
+        model: run the prompts through the ``base`` model (works for unseen tasks) or through the
+            base model with the task's own ``finetuned`` LoRA, as the authors' code does (seen
+            tasks only; for reproducing the paper).
         num_prompts: prompts per task; the task vector is their mean.
         demos_per_prompt: demonstrations concatenated into each prompt.
         max_prompt_tokens: prompts are cut (from the left) to this many tokens.
@@ -39,6 +42,7 @@ class ConditionSpec:
 
     kind: str = "task_vector"
     layer: int = -1
+    model: str = "base"
     num_prompts: int = 8
     demos_per_prompt: int = 3
     max_prompt_tokens: int = 384
@@ -48,6 +52,8 @@ class ConditionSpec:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"condition kind must be one of {KINDS}, got {self.kind!r}")
+        if self.model not in ("base", "finetuned"):
+            raise ValueError(f"condition model must be 'base' or 'finetuned', got {self.model!r}")
 
 
 @torch.no_grad()

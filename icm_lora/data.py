@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from icm_lora import base, files
 from icm_lora.condition import ConditionScaler, ConditionSpec, description_embeddings, embedding_dim, task_vectors
+from icm_lora.evaluate import LiveAdapter
 from icm_lora.flat import NORMALIZATIONS, Normalizer
 from icm_lora.tasks import Task, TaskSpec, TextBudget, fingerprint, load_task_file, slug, split_task
 from icm_lora.zoo import LoRASpec, Zoo, ZooTraining, build, lora_layout
@@ -169,9 +170,13 @@ class ZooDataModule(L.LightningDataModule):
         meta = files.read_json(self.zoo_dir / "metadata.json")
         if meta.get("conditions", {}).get("hash") == cond_hash and (self.zoo_dir / CONDITIONS).exists():
             return
-        tensors = {}
+        tensors, zoo = {}, Zoo(self.zoo_dir)
+        live = LiveAdapter(model, self.lora.peft_config(), self.layout) if self.condition.model == "finetuned" else None
         for task in self.tasks:
-            tensors[f"task_vector/{slug(task.name)}"] = task_vectors(model, tokenizer, task.demos, self.condition, task.name)
+            if live is not None:  # the authors' variant: the task's own fine-tuned model
+                live.load(zoo.final(task.name), f"{zoo.shard_path(task.name)} (final)")
+            runner = live.model if live is not None else model
+            tensors[f"task_vector/{slug(task.name)}"] = task_vectors(runner, tokenizer, task.demos, self.condition, task.name)
         descriptions = description_embeddings([t.description or t.name for t in self.tasks], self.condition.embedder)
         for task, emb in zip(self.tasks, descriptions):
             tensors[f"description/{slug(task.name)}"] = emb
@@ -219,6 +224,9 @@ class ZooDataModule(L.LightningDataModule):
             if not examples:
                 raise ValueError(f"task {name!r}: this generator is conditioned on task vectors, "
                                  "so the task needs 'examples' (a few texts of the task)")
+            if self.condition.model == "finetuned":
+                raise ValueError(f"task {name!r}: condition.model 'finetuned' needs the task's own LoRA, "
+                                 "which a task outside the zoo does not have; use condition.model: base")
             raw = task_vectors(model, tokenizer, examples, self.condition, name).mean(0)
         else:
             if not description:

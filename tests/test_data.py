@@ -70,3 +70,19 @@ def test_description_conditioning(datamodule, task_specs, cache_dir):
     assert torch.nn.functional.cosine_similarity(new, dm.conditions[0], dim=0) > 0.9  # 'numbers' is task 0
     with pytest.raises(ValueError, match="needs a 'description'"):
         dm.condition_for(["some text"], None, "x")
+
+
+def test_finetuned_task_vectors_use_each_tasks_own_lora(datamodule, task_specs, cache_dir):
+    from dataclasses import replace
+
+    names = [s.name for s in task_specs]
+    from_base = datamodule.raw_conditions(names)
+    dm = ZooDataModule(str(datamodule.zoo_dir), base.TINY_LLAMA, task_specs, BUDGET, LORA, TRAINING,
+                       replace(CONDITION, model="finetuned"), cache_dir=str(cache_dir))
+    dm.prepare_data()  # the condition settings changed, so task vectors are rebuilt
+    dm.setup("fit")
+    assert not torch.allclose(dm.raw_conditions(names), from_base)
+    with pytest.raises(ValueError, match="'finetuned' needs the task's own LoRA"):
+        dm.condition_for(["one two"], None, "new")
+    with pytest.raises(ValueError, match="condition model"):
+        replace(CONDITION, model="tuned")
