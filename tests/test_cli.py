@@ -52,6 +52,9 @@ def test_tiny_fit_then_predict_through_the_cli(tmp_path, monkeypatch):
     folders = sorted(p.parent.relative_to(out).as_posix() for p in out.glob("*/*/adapter_config.json"))
     assert folders == ["legal/sample_00", "legal/sample_01", "new_task/sample_00", "new_task/sample_01"]
 
+    tested = main(["test", *common, "--ckpt_path", str(ckpt)])  # the test subcommand writes its own table
+    assert "| mean |" in (Path(tested.trainer.log_dir) / "downstream_test.md").read_text()
+
     config = files.read_json(out / "new_task" / "sample_00" / "adapter_config.json")
     base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"]).eval()
     ids = torch.tensor([[10, 20, 30, 40]])
