@@ -12,6 +12,7 @@ is complete, so an interrupted build resumes at the first unfinished task.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -225,8 +226,7 @@ def _open_metadata(root: Path, base_model: str, model: PreTrainedModel, lora: Lo
 
 
 def _jsonable(value: object) -> object:
-    import json
-
+    """``value`` as JSON would store it (PEFT configs hold sets)."""
     return json.loads(json.dumps(value, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
 
 
