@@ -120,6 +120,10 @@ class Zoo:
             raise ValueError(f"{path}: the zoo has no tasks")
         self._handles: dict[str, object] = {}
 
+    def __getstate__(self) -> dict:
+        """Open shard handles stay behind when a DataLoader worker receives the zoo; it reopens them."""
+        return {k: v for k, v in self.__dict__.items() if k != "_handles"} | {"_handles": {}}
+
     def shard_path(self, task: str) -> Path:
         return self.root / self.meta["tasks"][task]["file"]
 

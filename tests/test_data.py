@@ -86,3 +86,14 @@ def test_finetuned_task_vectors_use_each_tasks_own_lora(datamodule, task_specs, 
         dm.condition_for(["one two"], None, "new")
     with pytest.raises(ValueError, match="condition model"):
         replace(CONDITION, model="tuned")
+
+
+def test_dataset_pickles_for_worker_processes(datamodule):
+    import pickle
+
+    ds = datamodule.train_dataloader().dataset
+    ds[0]  # opens shard handles
+    clone = pickle.loads(pickle.dumps(ds))
+    assert torch.equal(clone[3]["weights"], ds[3]["weights"])
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, multiprocessing_context="spawn")
+    assert next(iter(loader))["weights"].shape == (4, datamodule.lora_dim)
