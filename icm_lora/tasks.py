@@ -34,7 +34,8 @@ class TaskSpec:
             ``{stdlib}``.
         text_field: column holding the text.
         where: keep only rows whose column equals the value, e.g. ``{topic: Mathematics}``; a value
-            ending in ``*`` matches as a prefix (``{categories: "cs.LG*"}``).
+            ending in ``*`` matches as a prefix (``{categories: "cs.LG*"}``); a list-valued column
+            is matched by its first item (arXiv's primary category).
         hub_config: dataset configuration name for hub datasets.
         split: dataset split to read (train / validation / test are carved from it).
         strip_front_matter: drop a leading ``---``-delimited YAML block from each document.
@@ -145,7 +146,9 @@ def load_documents(spec: TaskSpec) -> list[str]:
 
 
 def _matches(cell: object, value: str) -> bool:
-    """Exact match, or a prefix match when ``value`` ends with ``*``."""
+    """Exact match, or a prefix match when ``value`` ends with ``*``; a list cell by its first item."""
+    if isinstance(cell, (list, tuple)):
+        cell = cell[0] if cell else None
     cell = "" if cell is None else str(cell)
     return cell.startswith(value[:-1]) if value.endswith("*") else cell == value
 

@@ -24,6 +24,9 @@ def test_where_filters_and_front_matter(tmp_path):
     spec = TaskSpec("t", builder="json", data_files=str(path), where={"kind": "cs.LG*"}, strip_front_matter=True)
     assert load_documents(spec) == ["body one"]
     assert load_documents(TaskSpec("t", builder="json", data_files=str(path), where={"kind": "math.PR"})) == ["body two"]
+    listed = tmp_path / "listed.jsonl"
+    listed.write_text(json.dumps({"text": "x", "cats": ["stat.ML", "cs.LG"]}) + "\n" + json.dumps({"text": "y", "cats": ["cs.LG"]}))
+    assert load_documents(TaskSpec("t", builder="json", data_files=str(listed), where={"cats": "cs.LG*"})) == ["y"]
 
 
 def test_json_mapping_builder(tmp_path):
