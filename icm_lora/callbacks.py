@@ -84,7 +84,7 @@ class DownstreamEval(Callback):
         means = self._decode(pl_module, dm, dm.conditions, 1, mean=True)[:, 0]  # (T, D)
         samples = self._decode(pl_module, dm, dm.conditions, num_samples, mean=False) if num_samples else None
         swapped = means.roll(-self.swap_shift, dims=0)  # row i was decoded with task i + shift's condition
-        soup = dm.zoo.soup(dm.task_names)
+        soup = dm.zoo.soup(dm.task_names)  # (D,) 12 small reads: Zoo.final reads only the final tensor
         rows = []
         for t, (task, name) in enumerate(zip(dm.tasks, dm.task_names)):
             text = task.val if split == "val" else task.test

@@ -23,7 +23,7 @@ from icm_lora.condition import ConditionScaler, ConditionSpec, description_embed
 from icm_lora.evaluate import LiveAdapter
 from icm_lora.flat import NORMALIZATIONS, Normalizer
 from icm_lora.tasks import Task, TaskSpec, TextBudget, fingerprint, load_task_file, slug, split_task
-from icm_lora.zoo import LoRASpec, Zoo, ZooTraining, build, lora_layout
+from icm_lora.zoo import LoRASpec, Zoo, ZooTraining, build, lora_layout, stale_tasks
 
 CONDITIONS = "conditions.safetensors"
 
@@ -143,13 +143,10 @@ class ZooDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Build what is missing: the LoRA zoo, then task vectors and description embeddings."""
-        meta_path = self.zoo_dir / "metadata.json"
-        have = files.read_json(meta_path) if meta_path.exists() else {"tasks": {}}
         cond_hash = self._condition_hash()
-        wanted = {s.name: fingerprint(h, self.training) for s, h in zip(self.task_specs, self.task_hashes())}
-        if all(have["tasks"].get(n, {}).get("hash") == h for n, h in wanted.items()) and \
-                have.get("conditions", {}).get("hash") == cond_hash and (self.zoo_dir / CONDITIONS).exists():
-            return
+        names = [s.name for s in self.task_specs]
+        if not stale_tasks(self.zoo_dir, names, self.task_hashes(), self.training) and self._conditions_current(cond_hash):
+            return  # nothing to build: skip loading the base model
         start = time.time()
         model, tokenizer = base.load(self.base_model, self.cache_dir)
         model.to(self.build_device)
@@ -166,10 +163,15 @@ class ZooDataModule(L.LightningDataModule):
         spec = asdict(self.condition) | {"kind": None}
         return fingerprint(spec, self.task_hashes())
 
+    def _conditions_current(self, cond_hash: str) -> bool:
+        path = self.zoo_dir / "metadata.json"
+        meta = files.read_json(path) if path.exists() else {}
+        return meta.get("conditions", {}).get("hash") == cond_hash and (self.zoo_dir / CONDITIONS).exists()
+
     def _build_conditions(self, model, tokenizer, cond_hash: str) -> None:
-        meta = files.read_json(self.zoo_dir / "metadata.json")
-        if meta.get("conditions", {}).get("hash") == cond_hash and (self.zoo_dir / CONDITIONS).exists():
+        if self._conditions_current(cond_hash):
             return
+        meta = files.read_json(self.zoo_dir / "metadata.json")
         tensors, zoo = {}, Zoo(self.zoo_dir)
         live = LiveAdapter(model, self.lora.peft_config(), self.layout) if self.condition.model == "finetuned" else None
         for task in self.tasks:

@@ -140,23 +140,30 @@ class Zoo:
     def num_checkpoints(self, task: str) -> int:
         return self._open(task).get_slice("checkpoints").get_shape()[0]
 
+    def _read(self, task: str, key: str, index: int | None = None) -> Tensor:
+        """``key`` of a task's shard (one row of it when ``index`` is given), checked whole and finite."""
+        path = self.shard_path(task)
+        try:
+            tensor = self._open(task).get_slice(key)[index : index + 1][0] if index is not None \
+                else self._open(task).get_tensor(key)
+        except Exception as err:  # safetensors raises several types for truncated files
+            raise ValueError(f"{path}: corrupt or truncated shard ({err})") from err
+        if not torch.isfinite(tensor).all():
+            what = f"checkpoint {index}" if index is not None else f"tensor {key!r}"
+            raise ValueError(f"{path}: {what} has NaN or infinite values")
+        return tensor
+
     def checkpoint(self, task: str, index: int) -> Tensor:
         """(D,) one kept checkpoint, read from disk without loading the shard."""
-        try:
-            row = self._open(task).get_slice("checkpoints")[index : index + 1][0]
-        except Exception as err:  # safetensors raises several types for truncated files
-            raise ValueError(f"{self.shard_path(task)}: corrupt or truncated shard ({err})") from err
-        if not torch.isfinite(row).all():
-            raise ValueError(f"{self.shard_path(task)}: checkpoint {index} has NaN or infinite values")
-        return row
+        return self._read(task, "checkpoints", index)
 
     def checkpoints(self, task: str) -> Tensor:
         """(N, D) all of a task's kept checkpoints."""
-        return files.load_tensors(self.shard_path(task))["checkpoints"]
+        return self._read(task, "checkpoints")
 
     def final(self, task: str) -> Tensor:
         """(D,) the task's final adapter (its own LoRA, the baseline the generator must match)."""
-        return files.load_tensors(self.shard_path(task))["final"]
+        return self._read(task, "final")
 
     def soup(self, tasks: list[str] | None = None) -> Tensor:
         """(D,) the uniform mean of the final adapters of ``tasks`` (default: all; the model-soup baseline)."""
@@ -182,7 +189,7 @@ def build(root: str | Path, model: PreTrainedModel, tokenizer: PreTrainedTokeniz
     root = Path(root)
     layout = lora_layout(model.config, lora)
     meta = _open_metadata(root, base_model, model, lora, layout)
-    todo = [(t, h) for t, h in zip(tasks, task_hashes) if _stale(root, meta, t.name, fingerprint(h, training))]
+    todo = [(t, h) for t, h in zip(tasks, task_hashes) if _stale(root, meta, t.name, _entry_hash(h, training))]
     if not todo:
         return
     torch.manual_seed(lora.init_seed)
@@ -200,7 +207,7 @@ def build(root: str | Path, model: PreTrainedModel, tokenizer: PreTrainedTokeniz
             base_val = scorer.score(peft_model, task.val)
         tuned_val = scorer.score(peft_model, task.val)
         meta["tasks"][task.name] = {
-            "file": shard, "hash": fingerprint(task_hash, training), "description": task.description,
+            "file": shard, "hash": _entry_hash(task_hash, training), "description": task.description,
             "num_checkpoints": len(ckpts), "train_seconds": round(seconds, 1),
             "val": {"base_ppl": base_val.ppl, "final_ppl": tuned_val.ppl, "base_bpc": base_val.bpc,
                     "final_bpc": tuned_val.bpc},
@@ -234,9 +241,21 @@ def _jsonable(value: object) -> object:
     return json.loads(json.dumps(value, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
 
 
-def _stale(root: Path, meta: dict, name: str, task_hash: str) -> bool:
+def stale_tasks(root: str | Path, names: list[str], task_hashes: list[str], training: ZooTraining) -> list[str]:
+    """Tasks whose shard is missing or was built from other text or training settings (no model needed)."""
+    path = Path(root) / METADATA
+    meta = files.read_json(path) if path.exists() else {"tasks": {}}
+    return [n for n, h in zip(names, task_hashes) if _stale(Path(root), meta, n, _entry_hash(h, training))]
+
+
+def _entry_hash(task_hash: str, training: ZooTraining) -> str:
+    """What a zoo entry records: the task's text and the settings its LoRA was trained with."""
+    return fingerprint(task_hash, training)
+
+
+def _stale(root: Path, meta: dict, name: str, entry_hash: str) -> bool:
     entry = meta["tasks"].get(name)
-    return entry is None or entry["hash"] != task_hash or not (root / entry["file"]).exists()
+    return entry is None or entry["hash"] != entry_hash or not (root / entry["file"]).exists()
 
 
 def _train(model, tokenizer: PreTrainedTokenizerBase, task: Task, cfg: ZooTraining, layout: FlatLayout) -> Tensor:
