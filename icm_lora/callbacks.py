@@ -17,6 +17,7 @@ from torch import Tensor
 from icm_lora import base, files
 from icm_lora.adapter import save_adapter
 from icm_lora.evaluate import LiveAdapter, TextScorer
+from icm_lora.ranks import Ranks
 from icm_lora.tasks import slug
 
 
@@ -30,19 +31,21 @@ class DownstreamEval(Callback):
     condition (the control), reconstruction MSE and cosine similarity to the task's zoo checkpoints.
     Tables go to TensorBoard (text and scalars) and to ``downstream_{val,test}.{md,csv}`` beside the
     logs. ``val/gen_ppl_ratio`` (z = 0 decode over own LoRA, averaged over tasks) selects checkpoints.
+    Under DDP rank 0's decodes are scored, each rank scores its share of the tasks, the rows are
+    gathered, and rank 0 writes the tables: every task is evaluated once.
 
     Args:
         num_samples: generated adapters per task at test.
         val_samples: generated adapters per task at validation (0: the z = 0 decode stands in).
         block_size: tokens per scored block.
         batch_size: blocks per forward pass.
-        precision: ``bf16`` autocast or ``fp32`` for scoring.
+        precision: ``auto`` (bf16 where the hardware has it natively, else fp32), ``bf16`` or ``fp32`` for scoring.
         swap_shift: the control decodes task i with the condition of task (i + swap_shift) mod T.
         seed: seed for the test samples.
     """
 
     def __init__(self, num_samples: int = 3, val_samples: int = 0, block_size: int = 256, batch_size: int = 4,
-                 precision: str = "bf16", swap_shift: int = 1, seed: int = 0) -> None:
+                 precision: str = "auto", swap_shift: int = 1, seed: int = 0) -> None:
         self.num_samples, self.val_samples = num_samples, val_samples
         self.block_size, self.batch_size = block_size, batch_size
         self.precision, self.swap_shift, self.seed = precision, swap_shift, seed
@@ -54,11 +57,11 @@ class DownstreamEval(Callback):
         if self.live is None:
             model, tokenizer = base.load(dm.base_model, dm.cache_dir)
             self.live = LiveAdapter(model.to(device), dm.lora.peft_config(), dm.layout)
-            self.scorer = TextScorer(tokenizer, self.block_size, self.batch_size, self.precision)
+            self.scorer = TextScorer(self.live.model, tokenizer, self.block_size, self.batch_size, self.precision)
 
     def _score(self, flat: Tensor | None, text: str):
-        with self.live.use(flat) as model:
-            return self.scorer.score(model, text)
+        with self.live.use(flat):
+            return self.scorer.score(text)
 
     def _fixed(self, kind: str, split: str, name: str, flat_fn, text: str):
         """Scores of fixed adapters (base, own LoRA, soup) are computed once per task and split."""
@@ -80,13 +83,16 @@ class DownstreamEval(Callback):
 
     def _rows(self, pl_module, dm, split: str, num_samples: int) -> list[dict]:
         """One row per task on its ``split`` text; ``num_samples == 0`` scores only the z = 0 decode."""
+        ranks = Ranks.current()
         torch.manual_seed(self.seed)
         means = self._decode(pl_module, dm, dm.conditions, 1, mean=True)[:, 0]  # (T, D)
         samples = self._decode(pl_module, dm, dm.conditions, num_samples, mean=False) if num_samples else None
+        means, samples = ranks.broadcast((means, samples))  # BatchNorm statistics may differ across ranks
         swapped = means.roll(-self.swap_shift, dims=0)  # row i was decoded with task i + shift's condition
-        soup = dm.zoo.soup(dm.task_names)  # (D,) 12 small reads: Zoo.final reads only the final tensor
-        rows = []
-        for t, (task, name) in enumerate(zip(dm.tasks, dm.task_names)):
+        soup = dm.zoo.soup(dm.task_names)  # (D,) small reads: Zoo.final reads only the final tensor
+        mine = {}
+        for t in ranks.share(list(range(len(dm.task_names)))):
+            task, name = dm.tasks[t], dm.task_names[t]
             text = task.val if split == "val" else task.test
             base_s = self._fixed("base", split, name, lambda: None, text)
             own = self._fixed("own", split, name, lambda n=name: dm.zoo.final(n), text)
@@ -95,15 +101,16 @@ class DownstreamEval(Callback):
             gens = [self._score(s, text) for s in samples[t]] if samples is not None else [z0]
             mse, cos = self._similarity(dm, name, means[t])
             ppls = [g.ppl for g in gens]
-            rows.append({
+            mine[t] = {
                 "task": name, "base_ppl": base_s.ppl, "lora_ppl": own.ppl, "soup_ppl": soup_s.ppl,
                 "gen_ppl_mean": statistics.fmean(ppls), "gen_ppl_std": statistics.pstdev(ppls),
                 "gen_z0_ppl": z0.ppl, "swapped_ppl": swap.ppl,
                 "gen_vs_lora_pct": 100 * (statistics.fmean(ppls) / own.ppl - 1), "z0_vs_lora": z0.ppl / own.ppl,
                 "base_bpc": base_s.bpc, "lora_bpc": own.bpc, "gen_bpc_mean": statistics.fmean(g.bpc for g in gens),
                 "recon_mse": mse, "cosine": cos,
-            })
-        return rows
+            }
+        rows = {t: row for part in ranks.gather(mine) for t, row in part.items()}
+        return [rows[t] for t in sorted(rows)]
 
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -122,19 +129,21 @@ class DownstreamEval(Callback):
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, split: str, num_samples: int) -> None:
         dm = trainer.datamodule
         self._setup(dm, pl_module.device)
-        rows = self._rows(pl_module, dm, split, num_samples)
+        rows = self._rows(pl_module, dm, split, num_samples)  # every task's row, on every rank
         mean_row = {"task": "mean"} | {k: statistics.fmean(r[k] for r in rows) for k in rows[0] if k != "task"}
         # Averages go through Lightning (the checkpoint monitor reads val/gen_ppl_ratio); per-task values
         # go to the logger only, so Lightning's end-of-test summary stays short.
         logged = {f"{split}/mean/{k}": v for k, v in mean_row.items() if k != "task"}
         if split == "val":
             logged["val/gen_ppl_ratio"] = mean_row["z0_vs_lora"]
-        pl_module.log_dict(logged)
+        pl_module.log_dict(logged)  # the same values on every rank
+        out = Path(trainer.log_dir or ".")  # a collective under DDP: every rank asks
+        if not trainer.is_global_zero:
+            return
         if trainer.logger is not None:
             trainer.logger.log_metrics({f"downstream/{r['task']}/{split}_{k}": v for r in rows
                                         for k, v in r.items() if k != "task"}, step=trainer.global_step)
         markdown, table_csv = format_table(rows + [mean_row])
-        out = Path(trainer.log_dir or ".")
         files.write_text(out / f"downstream_{split}.md", markdown)
         files.write_text(out / f"downstream_{split}.csv", table_csv)
         experiment = getattr(trainer.logger, "experiment", None)
@@ -178,8 +187,13 @@ class AdapterWriter(BasePredictionWriter):
         self.output_dir = Path(output_dir)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        """Rank 0 writes every task predicted on any rank, once."""
         dm = trainer.datamodule
-        for name, samples in zip(prediction["name"], prediction["weights"]):
+        mine = list(zip(prediction["name"], prediction["weights"].cpu()))
+        predicted = dict(pair for part in Ranks.current().gather(mine) for pair in part)  # one folder per task name
+        if not trainer.is_global_zero:
+            return
+        for name, samples in predicted.items():
             for k, sample in enumerate(samples):  # (S, D)
                 folder = self.output_dir / slug(name) / f"sample_{k:02d}"
                 save_adapter(folder, dm.normalizer.denormalize(sample.cpu()), dm.layout, dm.lora.peft_config(),

@@ -5,14 +5,33 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from icm_lora import files
+from icm_lora import files, hardware
 from icm_lora.base import Unreachable
 from icm_lora.callbacks import AdapterWriter, DownstreamEval
 from icm_lora.data import ZooDataModule
 from icm_lora.system import ICMLoRA
+from icm_lora.zoo import ZooMismatch
+
+
+class Trainer(L.Trainer):
+    """Lightning's Trainer with two defaults of this project.
+
+    Args:
+        precision: ``auto`` (``bf16-mixed`` where the device has native bf16, else ``32-true``) or any
+            of Lightning's precisions.
+        use_distributed_sampler: keep False: the meta-batch sampler splits meta-batches across ranks
+            itself (Lightning cannot inject a DistributedSampler into it).
+    """
+
+    def __init__(self, *args, precision: str | int | None = "auto", use_distributed_sampler: bool = False,
+                 **kwargs) -> None:
+        precision = hardware.trainer_precision(precision, kwargs.get("accelerator", "auto"))
+        super().__init__(*args, precision=precision, use_distributed_sampler=use_distributed_sampler, **kwargs)
 
 
 class ICMLoRACLI(LightningCLI):
@@ -36,7 +55,25 @@ class ICMLoRACLI(LightningCLI):
         parser.set_defaults({"resume_checkpoint.filename": "resume", "resume_checkpoint.save_top_k": 1,
                              "resume_checkpoint.enable_version_counter": False})
 
+    def hardware_line(self) -> str:
+        """The machine, and the precision each phase runs in on it (``auto`` resolved)."""
+        device = self.trainer.strategy.root_device
+        evaluation = next(c for c in self.trainer.callbacks if isinstance(c, DownstreamEval))
+        precisions = self.datamodule.precisions() | {
+            "scoring": hardware.resolve_precision(evaluation.precision, device),
+            "CVAE": self.trainer.precision}
+        ranks = f", {self.trainer.world_size} ranks" if self.trainer.world_size > 1 else ""
+        return (f"Hardware: {hardware.describe(device)}{ranks}, torch {torch.__version__}. Precision: "
+                + ", ".join(f"{phase} {p}" for phase, p in precisions.items()))
+
+    def _announce(self) -> None:
+        if self.trainer.is_global_zero:
+            print(self.hardware_line())
+
+    before_validate = before_test = before_predict = _announce
+
     def before_fit(self) -> None:
+        self._announce()
         self._fit_start = time.time()
 
     def after_fit(self) -> None:
@@ -46,15 +83,17 @@ class ICMLoRACLI(LightningCLI):
         fit_seconds = time.time() - self._fit_start
         selectors = [c for c in self.trainer.checkpoint_callbacks if c.monitor]
         best = selectors[0].best_model_path if selectors else ""
-        if best:  # a stable name for `predict` (and `make predict`): the checkpoint chosen on validation
+        if best and self.trainer.is_global_zero:  # a stable name for `predict`: the checkpoint chosen on validation
             link = Path(best).with_name("best.ckpt")
             link.unlink(missing_ok=True)
             link.symlink_to(Path(best).name)
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
-        self._report_phases(fit_seconds, best)
+        out = Path(self.trainer.log_dir or ".")  # a collective under DDP: every rank asks
+        if self.trainer.is_global_zero:
+            self._report_phases(fit_seconds, best, out)
 
-    def _report_phases(self, fit_seconds: float, best: str) -> None:
-        """Wall time of each phase of this run, printed and written beside the logs."""
+    def _report_phases(self, fit_seconds: float, best: str, out: Path) -> None:
+        """Wall time of each phase of this run, printed and written to ``out/phases.md``."""
         built = self.datamodule.phase_seconds
         evaluation = self.trainer.callbacks
         spent = next((c.seconds for c in evaluation if isinstance(c, DownstreamEval)), {})
@@ -65,14 +104,17 @@ class ICMLoRACLI(LightningCLI):
         phases["downstream test table"] = spent.get("test", 0.0)
         lines = ["| phase | seconds |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in phases.items()]
         lines.append(f"| total | {sum(phases.values()):.0f} |")
-        text = "\n".join(lines) + f"\n\nCheckpoint chosen on validation: {best or '(last)'}\n"
-        files.write_text(Path(self.trainer.log_dir or ".") / "phases.md", text)
+        text = (f"{self.hardware_line()}\n\n" + "\n".join(lines)
+                + f"\n\nCheckpoint chosen on validation: {best or '(last)'}\n")
+        files.write_text(out / "phases.md", text)
         print(f"\nPhase wall times:\n{text}")
 
 
 def main(args: list[str] | None = None) -> ICMLoRACLI:
-    """Run the CLI; an unreachable hub model or dataset ends with a message, not a traceback."""
+    """Run the CLI; an unreachable hub model or dataset, or a zoo that does not match the config,
+    ends with a one-line message, not a traceback."""
     try:
-        return ICMLoRACLI(ICMLoRA, ZooDataModule, args=args, save_config_kwargs={"overwrite": True})
-    except Unreachable as err:
+        return ICMLoRACLI(ICMLoRA, ZooDataModule, trainer_class=Trainer, args=args,
+                          save_config_kwargs={"overwrite": True})
+    except (Unreachable, ZooMismatch) as err:
         raise SystemExit(f"icm_lora: {err}") from None

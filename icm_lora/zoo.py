@@ -1,4 +1,5 @@
-"""The LoRA zoo: per task, fine-tune a LoRA with PEFT and keep many checkpoints of its last phase.
+"""The LoRA zoo on disk: what it was built from, read access to its checkpoints, and whether it
+still matches a config.
 
 On disk (``zoo_dir``)::
 
@@ -6,30 +7,33 @@ On disk (``zoo_dir``)::
     tasks/<task>.safetensors "checkpoints" (N, D) and "final" (D,) flat LoRA vectors, float32
     conditions.safetensors   task vectors and description embeddings (see condition.py)
 
-Every file is written atomically, and a task is only recorded in ``metadata.json`` after its shard
-is complete, so an interrupted build resumes at the first unfinished task.
+Each task's entry records what its LoRA learnt from (the task's text and the training settings,
+hashed) and how it was computed (precision, device, threads: recorded only). ``zoo_build.py``
+builds the zoo; ``mismatches`` says which entries a config would retrain, and why.
 """
 
 from __future__ import annotations
 
 import json
-import random
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from torch import Tensor
-from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from icm_lora import files
-from icm_lora.evaluate import TextScorer, autocast
 from icm_lora.flat import FlatLayout, Normalizer
-from icm_lora.tasks import Task, fingerprint, slug
+from icm_lora.tasks import fingerprint
 
 METADATA = "metadata.json"
+VERSION = 2
+
+
+class ZooMismatch(ValueError):
+    """The zoo on disk does not match the config (another base model or LoRA, or, for commands that
+    only read it, other text or training settings)."""
 
 
 @dataclass
@@ -68,6 +72,9 @@ class LoRASpec:
 class ZooTraining:
     """How each task's LoRA is trained and which checkpoints are kept.
 
+    ``precision`` and ``cache_frozen`` say how the arithmetic is done, not what is learnt: they are
+    recorded in each zoo entry but do not make it stale, so a zoo moves between machines as it is.
+
     Args:
         steps: optimiser steps per task.
         batch_size: blocks per step.
@@ -77,7 +84,10 @@ class ZooTraining:
         warmup_steps: warm-up steps.
         num_checkpoints: checkpoints kept per task, from the end of training.
         checkpoint_every: steps between kept checkpoints.
-        precision: ``bf16`` autocast or ``fp32``.
+        precision: ``auto`` (bf16 where the hardware has it natively, else fp32), ``bf16`` autocast
+            or ``fp32``.
+        cache_frozen: run the frozen layers below the lowest adapted one once per training block
+            and reuse their output whenever the block is drawn again (same LoRA, less compute).
         seed: seed of the batch order.
     """
 
@@ -88,13 +98,21 @@ class ZooTraining:
     warmup_steps: int = 10
     num_checkpoints: int = 50
     checkpoint_every: int = 1
-    precision: str = "bf16"
+    precision: str = "auto"
+    cache_frozen: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.num_checkpoints * self.checkpoint_every > self.steps:
             raise ValueError(f"num_checkpoints * checkpoint_every ({self.num_checkpoints} * "
                              f"{self.checkpoint_every}) exceeds steps ({self.steps})")
+
+    def learning(self) -> dict:
+        """The settings that change what the LoRA learns (those a zoo entry is hashed on)."""
+        return {k: v for k, v in asdict(self).items() if k not in HOW_COMPUTED}
+
+
+HOW_COMPUTED = ("precision", "cache_frozen")
 
 
 def lora_layout(config: PretrainedConfig, lora: LoRASpec) -> FlatLayout:
@@ -112,7 +130,7 @@ class Zoo:
         self.root = Path(root)
         path = self.root / METADATA
         if not path.exists():
-            raise FileNotFoundError(f"{path}: no zoo here; `fit` builds it in prepare_data")
+            raise FileNotFoundError(f"{path}: no zoo here; `fit` builds it")
         self.meta = files.read_json(path)
         self.layout = FlatLayout.from_json(self.meta["layout"])
         self.task_names: list[str] = list(self.meta["tasks"])
@@ -182,58 +200,20 @@ class Zoo:
         return Normalizer.from_sums(self.layout, total, total_sq, count, scheme)
 
 
-def build(root: str | Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, base_model: str,
-          tasks: list[Task], task_hashes: list[str], lora: LoRASpec, training: ZooTraining,
-          eval_block_size: int = 256) -> None:
-    """Train and store every task's LoRA checkpoints that are not already in the zoo at ``root``."""
-    root = Path(root)
-    layout = lora_layout(model.config, lora)
-    meta = _open_metadata(root, base_model, model, lora, layout)
-    todo = [(t, h) for t, h in zip(tasks, task_hashes) if _stale(root, meta, t.name, _entry_hash(h, training))]
-    if not todo:
-        return
-    torch.manual_seed(lora.init_seed)
-    peft_model = get_peft_model(model, lora.peft_config())
-    init = {k: v.clone() for k, v in get_peft_model_state_dict(peft_model).items()}
-    scorer = TextScorer(tokenizer, eval_block_size, precision=training.precision)
-    for task, task_hash in tqdm(todo, desc="LoRA zoo", unit="task"):
-        set_peft_model_state_dict(peft_model, init)
-        start = time.time()
-        ckpts = _train(peft_model, tokenizer, task, training, layout)
-        seconds = time.time() - start
-        shard = f"tasks/{slug(task.name)}.safetensors"
-        files.save_tensors(root / shard, {"checkpoints": ckpts, "final": ckpts[-1].clone()})
-        with peft_model.disable_adapter():
-            base_val = scorer.score(peft_model, task.val)
-        tuned_val = scorer.score(peft_model, task.val)
-        meta["tasks"][task.name] = {
-            "file": shard, "hash": _entry_hash(task_hash, training), "description": task.description,
-            "num_checkpoints": len(ckpts), "train_seconds": round(seconds, 1),
-            "val": {"base_ppl": base_val.ppl, "final_ppl": tuned_val.ppl, "base_bpc": base_val.bpc,
-                    "final_bpc": tuned_val.bpc},
-        }
-        files.write_json(root / METADATA, meta)
-        tqdm.write(f"  {task.name}: val ppl {base_val.ppl:.2f} -> {tuned_val.ppl:.2f} ({seconds:.0f} s)")
-    peft_model.unload()  # give the caller its bare base model back
-
-
-def _open_metadata(root: Path, base_model: str, model: PreTrainedModel, lora: LoRASpec, layout: FlatLayout) -> dict:
-    path = root / METADATA
-    header = {
-        "version": 1, "base_model": base_model, "base_model_path": model.config._name_or_path,
-        "lora": asdict(lora), "peft_config": _jsonable(lora.peft_config().to_dict()), "layout": layout.to_json(),
-        "dim": layout.dim,
+def header(base_model: str, base_model_path: str, lora: LoRASpec, layout: FlatLayout) -> dict:
+    """What every entry of a zoo shares: the base model and the LoRA structure."""
+    return {
+        "version": VERSION, "base_model": base_model, "base_model_path": base_model_path, "lora": asdict(lora),
+        "peft_config": _jsonable(lora.peft_config().to_dict()), "layout": layout.to_json(), "dim": layout.dim,
     }
-    if not path.exists():
-        return header | {"tasks": {}}
-    meta = files.read_json(path)
-    for key in ("base_model", "lora", "dim"):
-        if _jsonable(meta.get(key)) != _jsonable(header[key]):
-            raise ValueError(
-                f"{path}: this zoo was built with {key}={meta.get(key)!r}, the config asks for "
-                f"{header[key]!r}; point zoo_dir elsewhere or delete the folder"
-            )
-    return meta
+
+
+def check_header(path: Path, meta: dict, base_model: str, lora: LoRASpec) -> None:
+    """Refuse a zoo built on another base model or with another LoRA structure."""
+    for key, wanted in (("base_model", base_model), ("lora", asdict(lora))):
+        if _jsonable(meta.get(key)) != _jsonable(wanted):
+            raise ZooMismatch(f"{path}: this zoo was built with {key}={meta.get(key)!r}, the config asks for "
+                             f"{wanted!r}; point zoo_dir elsewhere or delete the folder")
 
 
 def _jsonable(value: object) -> object:
@@ -241,59 +221,66 @@ def _jsonable(value: object) -> object:
     return json.loads(json.dumps(value, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
 
 
-def stale_tasks(root: str | Path, names: list[str], task_hashes: list[str], training: ZooTraining) -> list[str]:
-    """Tasks whose shard is missing or was built from other text or training settings (no model needed)."""
-    path = Path(root) / METADATA
-    meta = files.read_json(path) if path.exists() else {"tasks": {}}
-    return [n for n, h in zip(names, task_hashes) if _stale(Path(root), meta, n, _entry_hash(h, training))]
+def entry_hash(source: dict, training: ZooTraining) -> str:
+    """Hash of what a task's LoRA learns from: its text (``source``) and the learning settings."""
+    return fingerprint(_source_hash(source), training.learning())
 
 
-def _entry_hash(task_hash: str, training: ZooTraining) -> str:
-    """What a zoo entry records: the task's text and the settings its LoRA was trained with."""
-    return fingerprint(task_hash, training)
+def _source_hash(source: dict) -> str:
+    return fingerprint(source["task"], source["text"])
 
 
-def _stale(root: Path, meta: dict, name: str, entry_hash: str) -> bool:
-    entry = meta["tasks"].get(name)
-    return entry is None or entry["hash"] != entry_hash or not (root / entry["file"]).exists()
+def _accepted_hashes(source: dict, training: ZooTraining) -> set[str]:
+    """The current hash, and the version-1 hashes of the same settings (they also hashed the precision)."""
+    legacy = {fingerprint(_source_hash(source), training.learning() | {"precision": p}) for p in ("bf16", "fp32")}
+    return {entry_hash(source, training)} | legacy
 
 
-def _train(model, tokenizer: PreTrainedTokenizerBase, task: Task, cfg: ZooTraining, layout: FlatLayout) -> Tensor:
-    """Fine-tune the live adapter on ``task`` and return (N, D) kept checkpoints, oldest first."""
-    blocks = _token_blocks(tokenizer, task.train, cfg.block_size)
-    rng = random.Random(f"{cfg.seed}:{task.name}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
-    device = next(model.parameters()).device
-    keep_from = cfg.steps - cfg.num_checkpoints * cfg.checkpoint_every
-    kept = []
-    model.train()
-    bar = tqdm(range(cfg.steps), desc=task.name, leave=False)
-    for step in bar:
-        batch = torch.stack([blocks[rng.randrange(len(blocks))] for _ in range(cfg.batch_size)]).to(device)
-        with autocast(cfg.precision, device):
-            loss = model(input_ids=batch, labels=batch).loss  # (B, L) -> scalar
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"task {task.name!r}: LoRA training loss is {loss.item()} at step {step}")
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        warmup.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step >= keep_from and (step - keep_from + 1) % cfg.checkpoint_every == 0:
-            kept.append(layout.flatten(get_peft_model_state_dict(model)))
-    model.eval()
-    return torch.stack(kept)  # (N, D)
+def mismatches(root: str | Path, sources: dict[str, dict], training: ZooTraining) -> dict[str, str]:
+    """Tasks of ``sources`` (name -> {"task": ..., "text": ...}) whose zoo entry is missing or was
+    built from other text or learning settings, each with the reason (no model needed)."""
+    root = Path(root)
+    path = root / METADATA
+    entries = files.read_json(path)["tasks"] if path.exists() else {}
+    reasons = {}
+    for name, source in sources.items():
+        reason = _mismatch(root, entries.get(name), source, training)
+        if reason:
+            reasons[name] = reason
+    return reasons
 
 
-def _token_blocks(tokenizer: PreTrainedTokenizerBase, docs: list[str], block_size: int) -> list[Tensor]:
-    """Documents joined by EOS and cut into (block_size,) token blocks."""
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    stream: list[int] = []
-    for doc in docs:
-        stream += tokenizer(doc, add_special_tokens=False)["input_ids"] + eos
-    blocks = [torch.tensor(stream[i : i + block_size]) for i in range(0, len(stream) - block_size + 1, block_size)]
-    if not blocks:
-        raise ValueError(f"training text has {len(stream)} tokens, fewer than one block of {block_size}")
-    return blocks
+def _mismatch(root: Path, entry: dict | None, source: dict, training: ZooTraining) -> str | None:
+    if entry is None:
+        return "not in the zoo yet"
+    if not (root / entry["file"]).exists():
+        return f"its shard {entry['file']} is missing"
+    if entry["hash"] in _accepted_hashes(source, training):
+        return None
+    built = entry.get("source", {})
+    changes = (_diff("task", built.get("task"), source["task"]) + _diff("text", built.get("text"), source["text"])
+               + _diff("training", entry.get("training"), training.learning()))
+    return "; ".join(changes) or "built from other text or training settings (an older entry that did not record them)"
+
+
+def _diff(section: str, old: dict | None, new: dict) -> list[str]:
+    if old is None:
+        return []
+    keys = sorted(set(old) | set(new))
+    return [f"{section}.{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys
+            if _jsonable(old.get(k)) != _jsonable(new.get(k))]
+
+
+def check_current(root: str | Path, base_model: str, lora: LoRASpec, sources: dict[str, dict],
+                  training: ZooTraining) -> None:
+    """For ``predict`` / ``validate`` / ``test``: the zoo must match the config; nothing is ever built here."""
+    root = Path(root)
+    path = root / METADATA
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no zoo here; `fit` builds it")
+    check_header(path, files.read_json(path), base_model, lora)
+    reasons = mismatches(root, sources, training)
+    if reasons:
+        listed = "; ".join(f"{name}: {why}" for name, why in reasons.items())
+        raise ZooMismatch(f"{root}: the zoo does not match the config ({listed}). Only `fit` trains LoRAs: run "
+                         "it with this config, or point data.zoo_dir at the zoo this config was built with")

@@ -11,10 +11,10 @@ from peft import PeftModel
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
+from conftest import ROOT, TINY
 from icm_lora import files
 from icm_lora.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "experiments").glob("*.yaml"))
 
 
@@ -27,13 +27,13 @@ def test_every_experiment_yaml_parses(config, capsys):
     assert "data:" in printed and "model:" in printed and "eval:" in printed
 
 
-def test_tiny_fit_then_predict_through_the_cli(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    zoo_dir = tmp_path / "zoo"
-    common = ["--config", str(ROOT / "experiments" / "tiny.yaml"), "--data.zoo_dir", str(zoo_dir)]
-    main(["fit", *common])
-    run = tmp_path / "lightning_logs" / "version_0"
+def test_tiny_fit_then_predict_through_the_cli(tiny_run, monkeypatch):
+    monkeypatch.chdir(tiny_run)
+    zoo_dir = tiny_run / "zoo"
+    common = ["--config", str(TINY), "--data.zoo_dir", str(zoo_dir)]
+    run = tiny_run / "lightning_logs" / "version_0"
     assert (run / "checkpoints" / "best.ckpt").resolve().exists() and (run / "phases.md").exists()
+    assert "Precision: LoRA zoo fp32" in (run / "phases.md").read_text()
     assert (run / "config.yaml").exists() and list(run.glob("events.out.tfevents.*"))
     assert "| mean |" in (run / "downstream_val.md").read_text()
     table = (run / "downstream_test.md").read_text()
@@ -43,10 +43,10 @@ def test_tiny_fit_then_predict_through_the_cli(tmp_path, monkeypatch):
     meta = files.read_json(zoo_dir / "metadata.json")
     assert set(meta["tasks"]) == {"mathematics", "legal", "python"} and "conditions" in meta
 
-    task_file = tmp_path / "new_task.yaml"
+    task_file = tiny_run / "new_task.yaml"
     task_file.write_text("name: new task\nexamples: ['def f(x):\n    return x', 'import os\nprint(os.sep)']\n")
     ckpt = run / "checkpoints" / "best.ckpt"
-    out = tmp_path / "adapters"
+    out = tiny_run / "adapters"
     main(["predict", *common, "--ckpt_path", str(ckpt), "--num_samples", "2", "--writer.output_dir", str(out),
           "--data.predict_tasks", f"[legal, {task_file}]"])
     folders = sorted(p.parent.relative_to(out).as_posix() for p in out.glob("*/*/adapter_config.json"))
@@ -77,6 +77,36 @@ def test_tiny_fit_then_predict_through_the_cli(tmp_path, monkeypatch):
         if "train/loss" in events.Tags()["scalars"]:
             steps += [e.step for e in events.Scalars("train/loss")]
     assert steps and min(steps) >= saved["global_step"]  # training went on from the saved step, not from 0
+
+
+def zoo_stamps(zoo_dir: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted(zoo_dir.rglob("*")) if p.is_file()}
+
+
+def test_predict_only_reads_the_zoo(tiny_run, monkeypatch, capsys):
+    monkeypatch.chdir(tiny_run)
+    zoo_dir = tiny_run / "zoo"
+    before = zoo_stamps(zoo_dir)
+    ckpt = tiny_run / "lightning_logs" / "version_0" / "checkpoints" / "best.ckpt"
+    common = ["--config", str(TINY), "--data.zoo_dir", str(zoo_dir), "--ckpt_path", str(ckpt),
+              "--data.predict_tasks", "[python]"]
+    # How the zoo was computed is not what it learnt: another precision, device or cache setting reads it as it is.
+    out = tiny_run / "adapters_other_machine"
+    main(["predict", *common, "--writer.output_dir", str(out), "--data.training.precision", "bf16",
+          "--data.training.cache_frozen", "false", "--data.condition.precision", "auto", "--data.build_device", "cpu"])
+    assert (out / "python" / "sample_00" / "adapter_model.safetensors").exists()
+    assert zoo_stamps(zoo_dir) == before
+    # What it learnt from differs: a one-line error that names the difference, and nothing is trained.
+    for change, named in ((["--data.text.train_chars", "5000"], "text.train_chars 6000 -> 5000"),
+                          (["--data.training.steps", "16"], "training.steps 12 -> 16"),
+                          (["--data.lora.r", "4"], "this zoo was built with lora=")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stop:
+            main(["predict", *common, *change])
+        message = str(stop.value.code)
+        assert message.startswith("icm_lora: ") and named in message and "\n" not in message
+        assert "tasks:" not in capsys.readouterr().out  # no "LoRA zoo ...: training N of M tasks:"
+    assert zoo_stamps(zoo_dir) == before
 
 
 def test_hub_config_offline_stops_with_a_clear_message(tmp_path):

@@ -16,7 +16,6 @@ def datamodule(tiny_zoo, task_specs, cache_dir, tmp_path):
     # The spec order differs from the zoo's build order on purpose.
     dm = ZooDataModule(str(root), base.TINY_LLAMA, list(reversed(task_specs)), BUDGET, LORA, TRAINING, CONDITION,
                        tasks_per_batch=2, checkpoints_per_task=2, val_every=5, cache_dir=str(cache_dir))
-    dm.prepare_data()
     dm.setup("fit")
     return dm
 
@@ -63,7 +62,6 @@ def test_description_conditioning(datamodule, task_specs, cache_dir):
 
     dm = ZooDataModule(str(datamodule.zoo_dir), base.TINY_LLAMA, task_specs, BUDGET, LORA, TRAINING,
                        replace(CONDITION, kind="description"), cache_dir=str(cache_dir))
-    dm.prepare_data()
     dm.setup("fit")
     assert dm.cond_dim == 384 and dm.conditions.shape == (3, 384)
     new = dm.condition_for(None, "texts about numbers", "n")
@@ -80,8 +78,7 @@ def test_finetuned_task_vectors_use_each_tasks_own_lora(datamodule, task_specs, 
     from_base = datamodule.raw_conditions(names)
     dm = ZooDataModule(str(datamodule.zoo_dir), base.TINY_LLAMA, task_specs, BUDGET, LORA, TRAINING,
                        replace(CONDITION, model="finetuned"), cache_dir=str(cache_dir))
-    dm.prepare_data()  # the condition settings changed, so task vectors are rebuilt
-    dm.setup("fit")
+    dm.setup("fit")  # the condition settings changed, so task vectors are rebuilt
     assert not torch.allclose(dm.raw_conditions(names), from_base)
     with pytest.raises(ValueError, match="'finetuned' needs the task's own LoRA"):
         dm.condition_for(["one two"], None, "new")
@@ -100,8 +97,28 @@ def test_dataset_pickles_for_worker_processes(datamodule):
     assert next(iter(loader))["weights"].shape == (4, datamodule.lora_dim)
 
 
-def test_prepare_data_rebuilds_a_deleted_shard(datamodule):
+def test_fit_rebuilds_a_deleted_shard(datamodule):
     shard = datamodule.zoo.shard_path("animals")
     shard.unlink()
-    datamodule.prepare_data()
+    datamodule.build()
     assert shard.exists()
+
+
+def test_ranks_draw_different_meta_batches_and_cover_every_task():
+    task_of_item = [t for t in range(5) for _ in range(8)]  # 5 tasks x 8 checkpoints
+    samplers = [MetaBatchSampler(task_of_item, tasks_per_batch=2, per_task=2, seed=3, rank=r, world=2) for r in (0, 1)]
+    for epoch in range(3):
+        for s in samplers:
+            s.set_epoch(epoch)
+        ours, theirs = (list(s) for s in samplers)
+        assert len(ours) == len(theirs) == len(samplers[0]) and ours != theirs
+        assert {i // 8 for batch in ours + theirs for i in batch} == set(range(5))
+        for batch in ours + theirs:
+            assert len({i // 8 for i in batch}) == 2 and len(set(batch)) == 4
+    one = MetaBatchSampler(task_of_item, tasks_per_batch=2, per_task=2, seed=3)
+    assert len(one) == 2 * len(samplers[0])  # the ranks split one epoch's meta-batches
+
+
+def test_an_epoch_covers_every_task_even_with_few_checkpoints():
+    sampler = MetaBatchSampler(list(range(7)), tasks_per_batch=2, per_task=1, seed=0)  # 7 tasks, one item each
+    assert {i for batch in sampler for i in batch} == set(range(7))

@@ -16,7 +16,7 @@ def test_score_definitions():
 def test_scorer_matches_one_forward_pass_when_the_text_fits(tiny_base):
     model, tokenizer, _ = tiny_base
     text = "the cat sat on the mat " * 3
-    score = TextScorer(tokenizer, block_size=512, precision="fp32").score(model, text)
+    score = TextScorer(model, tokenizer, block_size=512, precision="fp32").score(text)
     ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         loss = model(input_ids=ids, labels=ids).loss.item()
@@ -27,8 +27,8 @@ def test_scorer_matches_one_forward_pass_when_the_text_fits(tiny_base):
 def test_blocks_predict_every_token_once(tiny_base):
     model, tokenizer, _ = tiny_base
     text = "abcdefghij" * 20
-    small = TextScorer(tokenizer, block_size=16, batch_size=3, precision="fp32")
-    assert small.score(model, text).tokens == len(tokenizer(text, add_special_tokens=False)["input_ids"]) - 1
+    small = TextScorer(model, tokenizer, block_size=16, batch_size=3, precision="fp32")
+    assert small.score(text).tokens == len(tokenizer(text, add_special_tokens=False)["input_ids"]) - 1
 
 
 def test_live_adapter_swaps_weights_and_never_touches_the_base(cache_dir):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import BUDGET, LORA, TRAINING, build_zoo
-from icm_lora import files, zoo
+from icm_lora import files, zoo_build
 from icm_lora.zoo import Zoo
 
 
@@ -24,15 +24,15 @@ def test_zoo_layout_checkpoints_and_metadata(tiny_zoo, task_specs):
 
 def test_interrupted_build_resumes_without_retraining(tmp_path, task_specs, cache_dir, monkeypatch):
     calls = []
-    real_train = zoo._train
+    real_train = zoo_build.train_lora
 
-    def flaky(model, tokenizer, task, cfg, layout):
+    def flaky(model, tokenizer, task, *args):
         calls.append(task.name)
         if task.name == "animals" and calls.count("animals") == 1:
             raise KeyboardInterrupt  # stopped mid-build, after 'numbers' was written
-        return real_train(model, tokenizer, task, cfg, layout)
+        return real_train(model, tokenizer, task, *args)
 
-    monkeypatch.setattr(zoo, "_train", flaky)
+    monkeypatch.setattr(zoo_build, "train_lora", flaky)
     with pytest.raises(KeyboardInterrupt):
         build_zoo(tmp_path, task_specs, cache_dir)
     assert list(files.read_json(tmp_path / "metadata.json")["tasks"]) == ["numbers"]
@@ -102,3 +102,90 @@ def test_budget_and_training_validation():
     with pytest.raises(ValueError, match="exceeds steps"):
         type(TRAINING)(steps=4, num_checkpoints=5)
     assert BUDGET.num_demos == 4
+
+
+def copy_zoo(tiny_zoo, tmp_path):
+    import shutil
+
+    root = tmp_path / "zoo"
+    shutil.copytree(tiny_zoo, root)
+    return root
+
+
+def test_only_what_a_lora_learns_from_makes_an_entry_stale(tiny_zoo, tmp_path, task_specs):
+    from dataclasses import replace
+
+    from conftest import TaskSpec, sources
+    from icm_lora.zoo import mismatches
+
+    root = copy_zoo(tiny_zoo, tmp_path)
+    current = dict(zip([s.name for s in task_specs], sources(task_specs)))
+    assert mismatches(root, current, TRAINING) == {}
+    # How it was computed is recorded, not hashed.
+    assert mismatches(root, current, replace(TRAINING, precision="bf16", cache_frozen=False)) == {}
+    assert Zoo(root).meta["tasks"]["numbers"]["computed"]["precision"] == "fp32"
+    # What it learns from: steps, learning rate, the text.
+    steps = mismatches(root, current, replace(TRAINING, steps=8, lr=2.0e-2))
+    assert set(steps) == set(current) and steps["code"] == "training.lr 0.01 -> 0.02; training.steps 6 -> 8"
+    text = dict(zip(current, sources(task_specs, replace(BUDGET, train_chars=2000))))
+    assert mismatches(root, text, TRAINING)["animals"] == "text.train_chars 3000 -> 2000"
+    where = current | {"code": {"task": current["code"]["task"] | {"where": {"lang": "en"}}, "text": current["code"]["text"]}}
+    assert mismatches(root, where, TRAINING) == {"code": "task.where {} -> {'lang': 'en'}"}
+    extra = current | {"extra": sources([TaskSpec(name="extra")])[0]}
+    assert mismatches(root, extra, TRAINING) == {"extra": "not in the zoo yet"}
+    (root / "tasks" / "animals.safetensors").unlink()
+    assert mismatches(root, current, TRAINING) == {"animals": "its shard tasks/animals.safetensors is missing"}
+
+
+def test_entries_of_version_1_zoos_stay_current(tiny_zoo, tmp_path, task_specs):
+    from dataclasses import replace
+
+    from conftest import sources
+    from icm_lora.tasks import fingerprint
+    from icm_lora.zoo import mismatches
+
+    root = copy_zoo(tiny_zoo, tmp_path)
+    meta = files.read_json(root / "metadata.json")
+    # Version 1 hashed all of its ZooTraining fields, precision included, and recorded no source or settings.
+    v1_training = {"steps": 6, "batch_size": 2, "block_size": 32, "lr": 1.0e-2, "warmup_steps": 1,
+                   "num_checkpoints": 5, "checkpoint_every": 1, "precision": "bf16", "seed": 0}
+    for spec in task_specs:
+        entry = meta["tasks"][spec.name]
+        entry["hash"] = fingerprint(fingerprint(spec, BUDGET), v1_training)
+        for key in ("source", "training", "computed"):
+            del entry[key]
+    files.write_json(root / "metadata.json", meta)
+    current = dict(zip([s.name for s in task_specs], sources(task_specs)))
+    assert mismatches(root, current, replace(TRAINING, precision="fp32")) == {}
+    assert "older entry" in mismatches(root, current, replace(TRAINING, steps=8))["code"]
+
+
+def test_a_rebuild_says_what_it_retrains_and_why(tiny_zoo, tmp_path, task_specs, cache_dir, capsys):
+    from dataclasses import replace
+
+    root = copy_zoo(tiny_zoo, tmp_path)
+    (root / "tasks" / "code.safetensors").unlink()
+    capsys.readouterr()
+    build_zoo(root, task_specs, cache_dir)
+    printed = capsys.readouterr().out
+    assert "training 1 of 3 tasks" in printed and "code: its shard tasks/code.safetensors is missing" in printed
+    untouched = Zoo(root).checkpoints("numbers")
+    build_zoo(root, task_specs, cache_dir, training=replace(TRAINING, precision="bf16"))  # nothing to retrain
+    assert "tasks:" not in capsys.readouterr().out and torch.equal(Zoo(root).checkpoints("numbers"), untouched)
+
+
+def test_check_current_refuses_without_building(tiny_zoo, tmp_path, task_specs):
+    from dataclasses import replace
+
+    from conftest import sources
+    from icm_lora.zoo import ZooMismatch, check_current
+
+    root = copy_zoo(tiny_zoo, tmp_path)
+    current = dict(zip([s.name for s in task_specs], sources(task_specs)))
+    check_current(root, "random:tiny-llama", LORA, current, TRAINING)
+    with pytest.raises(ZooMismatch, match="numbers: training.steps 6 -> 7.*Only `fit` trains"):
+        check_current(root, "random:tiny-llama", LORA, current, replace(TRAINING, steps=7))
+    with pytest.raises(ZooMismatch, match="built with lora="):
+        check_current(root, "random:tiny-llama", replace(LORA, r=4), current, TRAINING)
+    with pytest.raises(FileNotFoundError, match="no zoo here"):
+        check_current(tmp_path / "nothing", "random:tiny-llama", LORA, current, TRAINING)
