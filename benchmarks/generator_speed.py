@@ -3,7 +3,8 @@
     python benchmarks/generator_speed.py --device cpu --dims 30720 92160
     python benchmarks/generator_speed.py --device cuda --dims 30720 460800 1929928
 
-Prints a markdown table (median of ``--repeats`` timed runs after warm-up).
+Prints a markdown table (median of ``--repeats`` timed runs after warm-up), tagged with the device
+and the precision (``--precision auto``: bf16 autocast only where the hardware has native bf16).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 
 import torch
 
+from icm_lora import hardware
 from icm_lora.cvae import CVAE
 
 
@@ -36,16 +38,17 @@ def time_call(fn, device: str, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench(dim: int, cond_dim: int, device: str, batch: int, bf16: bool, warmup: int, repeats: int) -> dict:
-    model = CVAE(dim, cond_dim).to(device)
+def bench(model: CVAE, device: str, batch: int, bf16: bool, warmup: int, repeats: int) -> dict:
+    """Decode latency (one LoRA) and training samples/s of ``model`` on ``device``."""
+    model = model.to(device)
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
-    c1 = torch.randn(1, cond_dim, device=device)
+    c1 = torch.randn(1, model.cond_dim, device=device)
     model.eval()
-    with autocast:
+    with torch.no_grad(), autocast:
         decode = time_call(lambda: model.generate(c1, 1), device, warmup, repeats)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    w, c = torch.randn(batch, dim, device=device), torch.randn(batch, cond_dim, device=device)
+    w, c = torch.randn(batch, model.input_dim, device=device), torch.randn(batch, model.cond_dim, device=device)
 
     def step() -> None:
         with autocast:
@@ -56,7 +59,7 @@ def bench(dim: int, cond_dim: int, device: str, batch: int, bf16: bool, warmup: 
 
     train = time_call(step, device, warmup, repeats)
     params = sum(p.numel() for p in model.parameters())
-    return {"dim": dim, "params": params, "decode_ms": 1000 * decode, "train_samples_s": batch / train}
+    return {"dim": model.input_dim, "params": params, "decode_ms": 1000 * decode, "train_samples_s": batch / train}
 
 
 def main() -> None:
@@ -65,16 +68,16 @@ def main() -> None:
     parser.add_argument("--dims", type=int, nargs="+", default=[30_720, 92_160])
     parser.add_argument("--cond_dim", type=int, default=576)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    parser.add_argument("--precision", default="auto", choices=hardware.PRECISIONS)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
-    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {name}; torch {torch.__version__}; {'fp32' if args.fp32 else 'bf16 autocast'}; "
+    precision = hardware.resolve_precision(args.precision, args.device)
+    print(f"device: {hardware.describe(args.device)}; torch {torch.__version__}; {precision}; "
           f"training batch {args.batch}\n")
     print("| flat LoRA length | CVAE parameters | decode one LoRA (ms) | training (samples/s) |\n|---|---|---|---|")
     for dim in args.dims:
-        r = bench(dim, args.cond_dim, args.device, args.batch, not args.fp32, args.warmup, args.repeats)
+        r = bench(CVAE(dim, args.cond_dim), args.device, args.batch, precision == "bf16", args.warmup, args.repeats)
         print(f"| {r['dim']:,} | {r['params'] / 1e6:.1f} M | {r['decode_ms']:.2f} | {r['train_samples_s']:.0f} |", flush=True)
 
 

@@ -120,25 +120,25 @@ def train_lora(model, tokenizer: PreTrainedTokenizerBase, task: Task, cfg: ZooTr
     frozen layers skipped by reusing their cached output (0: every step ran the whole model)."""
     blocks = token_blocks(tokenizer, task.train, cfg.block_size)
     rng = random.Random(f"{cfg.seed}:{task.name}")
+    draws = [[rng.randrange(len(blocks)) for _ in range(cfg.batch_size)] for _ in range(cfg.steps)]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     device = next(model.parameters()).device
     if prefix is not None and not prefix.verify(blocks[0][None].to(device)):
         prefix = None
-    cache: dict[int, Tensor] = {}  # block index -> (L, H) output of the frozen prefix
+    states = prefix_states(prefix, blocks, draws, precision, device) if prefix is not None else None
     keep_from = cfg.steps - cfg.num_checkpoints * cfg.checkpoint_every
     kept = []
     model.train()
-    bar = tqdm(range(cfg.steps), desc=task.name, leave=False)
-    for step in bar:
-        drawn = [rng.randrange(len(blocks)) for _ in range(cfg.batch_size)]
+    bar = tqdm(draws, desc=task.name, leave=False)
+    for step, drawn in enumerate(bar):
         batch = torch.stack([blocks[i] for i in drawn]).to(device)  # (B, L)
         with autocast(precision, device):
-            if prefix is None:
+            if states is None:
                 loss = model(input_ids=batch, labels=batch, use_cache=False).loss
             else:
-                loss = prefix.forward(_prefix_states(prefix, cache, blocks, drawn, device), labels=batch).loss
+                loss = prefix.forward(torch.stack([states[i] for i in drawn]), labels=batch).loss  # (B, L, H) in
         if not torch.isfinite(loss):
             raise FloatingPointError(f"task {task.name!r}: LoRA training loss is {loss.item()} at step {step}")
         loss.backward()
@@ -152,14 +152,19 @@ def train_lora(model, tokenizer: PreTrainedTokenizerBase, task: Task, cfg: ZooTr
     return torch.stack(kept), prefix.start if prefix is not None else 0  # (N, D), skipped layers
 
 
-def _prefix_states(prefix: FrozenPrefix, cache: dict[int, Tensor], blocks: list[Tensor], drawn: list[int],
-                   device: torch.device) -> Tensor:
-    """(B, L, H) frozen-prefix outputs of the drawn blocks; blocks not seen before run through it together."""
-    new = [i for i in dict.fromkeys(drawn) if i not in cache]
-    if new:
-        states = prefix.hidden(torch.stack([blocks[i] for i in new]).to(device))  # (len(new), L, H)
-        cache.update(zip(new, states))
-    return torch.stack([cache[i] for i in drawn])
+PREFIX_BATCH = 16  # blocks per frozen-prefix pass (a GPU wants large passes; on a 2-core CPU the size barely matters)
+
+
+def prefix_states(prefix: FrozenPrefix, blocks: list[Tensor], draws: list[list[int]], precision: str,
+                  device: torch.device) -> dict[int, Tensor]:
+    """(L, H) frozen-prefix output of every block that ``draws`` uses, ``PREFIX_BATCH`` blocks per pass."""
+    needed = list(dict.fromkeys(i for drawn in draws for i in drawn))
+    states: dict[int, Tensor] = {}
+    with autocast(precision, device):
+        for k in range(0, len(needed), PREFIX_BATCH):
+            part = needed[k : k + PREFIX_BATCH]
+            states.update(zip(part, prefix.hidden(torch.stack([blocks[i] for i in part]).to(device))))
+    return states
 
 
 def token_blocks(tokenizer: PreTrainedTokenizerBase, docs: list[str], block_size: int) -> list[Tensor]:
