@@ -176,7 +176,7 @@ def report(tag: str, dm: ZooDataModule, task_name: str, breakdown: list[dict], z
               f"| full forward per adapter | {scoring['full']:.0f} |",
               f"| frozen prefix computed once per text, reused by every adapter | {scoring['reuse']:.0f} |", "",
               f"## CVAE ({cvae['params'] / 1e6:.1f} M parameters, flat LoRA length {cvae['dim']:,}, {cvae_precision})", "",
-              "| training (samples/s, batch %d) | decode one LoRA (ms) |" % batch, "|---|---|",
+              f"| training (samples/s, batch {batch}) | decode one LoRA (ms) |", "|---|---|",
               f"| {cvae['train_samples_s']:.1f} | {cvae['decode_ms']:.1f} |", ""]
     return "\n".join(lines)
 

@@ -221,7 +221,9 @@ class ZooDataModule(L.LightningDataModule):
             self.phase_seconds["task vectors + description embeddings"] = time.time() - start
 
     def _condition_hash(self) -> str:
-        return fingerprint(self.condition.hashed() | {"kind": None}, self.task_hashes())
+        # Task vectors through each task's own LoRA change when the LoRAs are retrained.
+        learnt = [self.training.learning()] if self.condition.model == "finetuned" else []
+        return fingerprint(self.condition.hashed() | {"kind": None}, self.task_hashes(), *learnt)
 
     def _conditions_current(self, cond_hash: str) -> bool:
         path = self.zoo_dir / "metadata.json"
