@@ -115,7 +115,8 @@ def copy_zoo(tiny_zoo, tmp_path):
 def test_only_what_a_lora_learns_from_makes_an_entry_stale(tiny_zoo, tmp_path, task_specs):
     from dataclasses import replace
 
-    from conftest import TaskSpec, sources
+    from conftest import sources
+    from icm_lora.tasks import TaskSpec
     from icm_lora.zoo import mismatches
 
     root = copy_zoo(tiny_zoo, tmp_path)
