@@ -3,8 +3,8 @@
     python benchmarks/bench.py [--config experiments/domains.yaml] [--task mathematics] [--out FILE]
 
 1. Where a LoRA training step's time goes (frozen prefix, adapted layers + LM head, the LM head and
-   its softmax alone), at 1 thread and at all threads.
-2. LoRA zoo: the zoo builder (frozen prefix cached per training block) against a plain PEFT +
+   its softmax alone, plain and fused), at 1 thread and at all threads.
+2. LoRA zoo: the zoo builder (frozen prefix cached per training block, fused head loss) against a plain PEFT +
    transformers loop of the same LoRA on the same blocks in the same order; tokens/s of each and
    the test perplexity of the two LoRAs.
 3. Scoring: tokens/s of scoring several adapters on one text, with and without the frozen prefix reused.
@@ -33,6 +33,7 @@ from icm_lora import base, files, hardware
 from icm_lora.cli import ICMLoRACLI, Trainer
 from icm_lora.data import ZooDataModule
 from icm_lora.evaluate import TextScorer, autocast
+from icm_lora.head_loss import linear_cross_entropy
 from icm_lora.prefix import FrozenPrefix
 from icm_lora.system import ICMLoRA
 from icm_lora.tasks import split_task
@@ -89,10 +90,11 @@ def step_breakdown(peft_model, cfg: ZooTraining, precision: str, threads: int) -
 
     def upper(hidden: torch.Tensor) -> None:
         with autocast(precision, device):
-            prefix.forward(hidden, labels=ids).loss.backward()
+            prefix.loss(hidden, ids).backward()
 
     with autocast(precision, device):
         hidden = prefix.hidden(ids)
+    prefix.verify(ids[:1])
     head = peft_model.get_output_embeddings().weight
     x = torch.randn(ids.numel(), head.shape[1], device=device, requires_grad=True)
 
@@ -100,11 +102,16 @@ def step_breakdown(peft_model, cfg: ZooTraining, precision: str, threads: int) -
         with autocast(precision, device):
             F.cross_entropy((x @ head.t()).float(), ids.flatten()).backward()
 
+    def fused_head() -> None:
+        with autocast(precision, device):
+            linear_cross_entropy(x, head, ids.flatten()).backward()
+
     out = {"threads": threads, "full step": seconds(full)}
     with autocast(precision, device):
         out["frozen prefix (no grad)"] = seconds(lambda: prefix.hidden(ids))
     out["adapted layers + LM head (fwd + bwd)"] = seconds(lambda: upper(hidden))
     out["LM head + softmax alone (fwd + bwd)"] = seconds(head_and_softmax)
+    out["fused LM head loss (fwd + bwd)"] = seconds(fused_head)
     for p in params:
         p.grad = None
     return out
@@ -157,16 +164,17 @@ def report(tag: str, dm: ZooDataModule, task_name: str, breakdown: list[dict], z
              f"LoRA (r={dm.lora.r} on {', '.join(dm.lora.target_modules)} of layers {dm.lora.layers_to_transform}, "
              f"{dm.layout.dim:,} values) on task `{task_name}`; batch {cfg.batch_size} x {cfg.block_size} tokens.", "",
              "## Where a LoRA training step's time goes (seconds, median of 3)", "",
-             "| threads | full step | frozen prefix (no grad) | adapted layers + LM head (fwd + bwd) | "
-             "LM head + softmax alone (fwd + bwd) |", "|---|---|---|---|---|"]
+             "| threads | full step | frozen prefix (no grad) | adapted layers + fused LM head loss (fwd + bwd) | "
+             "LM head + softmax alone (fwd + bwd) | fused LM head loss alone (fwd + bwd) |", "|---|---|---|---|---|---|"]
     for b in breakdown:
         lines.append(f"| {b['threads']} | {b['full step']:.3f} | {b['frozen prefix (no grad)']:.3f} | "
-                     f"{b['adapted layers + LM head (fwd + bwd)']:.3f} | {b['LM head + softmax alone (fwd + bwd)']:.3f} |")
+                     f"{b['adapted layers + LM head (fwd + bwd)']:.3f} | {b['LM head + softmax alone (fwd + bwd)']:.3f} | "
+                     f"{b['fused LM head loss (fwd + bwd)']:.3f} |")
     gain = zoo["ours_tok_s"] / zoo["plain_tok_s"]
     lines += ["", f"## LoRA zoo: {cfg.steps} steps, {zoo['draws']} block draws from {zoo['blocks']} blocks", "",
               "| training loop | tokens/s | test ppl of the LoRA |", "|---|---|---|",
               f"| plain PEFT + transformers loop | {zoo['plain_tok_s']:.0f} | {zoo['plain_ppl']:.3f} |",
-              f"| zoo builder (frozen prefix of {zoo['skipped_layers']} layers cached per block) | "
+              f"| zoo builder (frozen prefix of {zoo['skipped_layers']} layers cached per block, fused LM head loss) | "
               f"{zoo['ours_tok_s']:.0f} | {zoo['ours_ppl']:.3f} |", "",
               f"Speed-up {gain:.2f}x; test perplexity {100 * (zoo['ours_ppl'] / zoo['plain_ppl'] - 1):+.3f}% against "
               f"the plain loop; the two LoRAs differ by {zoo['diff_norm']:.2e} in L2 norm (max |diff| "

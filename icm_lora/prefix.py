@@ -7,6 +7,9 @@ adapted, fp32 on an AVX2 CPU: 0.88 s of 1.86 s). ``FrozenPrefix`` computes it on
 grad) and runs only the adapted layers and the LM head from it; the result is the same
 computation as the full forward, in the same order.
 
+Training from the cached states also takes the LM head and its cross-entropy in one pass
+(``head_loss``) when the head is a frozen, bias-free projection the model applies as is.
+
 The split hands the cached states to the model as ``inputs_embeds`` with the lower layers taken
 out of its layer list, which is exact for decoders that feed ``inputs_embeds`` straight into their
 first layer (Llama, Qwen2, Mistral, ...). ``verify`` compares the split forward with the full one on
@@ -22,6 +25,8 @@ from contextlib import contextmanager
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
+
+from icm_lora.head_loss import causal_lm_loss
 
 
 class _Stop(Exception):
@@ -42,6 +47,7 @@ class FrozenPrefix:
         self.layers: nn.ModuleList = getattr(self.decoder, self.attr)
         self.start = _first_adapted_layer(self.decoder, self.attr, self.layers)
         self._verified: bool | None = None
+        self._fused_head = False  # set by verify: the fused head loss equals the model's own loss
 
     @property
     def useful(self) -> bool:
@@ -71,17 +77,43 @@ class FrozenPrefix:
         with self._upper_layers_only():
             return self.model(inputs_embeds=hidden, labels=labels, use_cache=False)
 
+    def loss(self, hidden: Tensor, labels: Tensor) -> Tensor:
+        """(B, L, H) cached prefix output, (B, L) labels -> the model's causal LM loss.
+
+        After ``verify`` has found the fused head exact, the head and its softmax run in one pass
+        (``head_loss``); otherwise this is the model's own loss."""
+        if not self._fused_head:
+            return self.forward(hidden, labels=labels).loss
+        with self._upper_layers_only():
+            final = self.decoder(inputs_embeds=hidden, use_cache=False)[0]  # (B, L, H) after the last norm
+        return causal_lm_loss(final, self.model.get_output_embeddings().weight, labels)
+
     @torch.no_grad()
     def verify(self, ids: Tensor) -> bool:
-        """Compare split and full logits on ``ids`` (B, L) once; later calls return the first answer."""
+        """Compare split and full logits and losses on ``ids`` (B, L) once; later calls return the first answer."""
         if self._verified is None and self.start > 0:
             was_training = self.model.training
             self.model.eval()
-            full = self.model(input_ids=ids, use_cache=False).logits.float()
-            split = self.forward(self.hidden(ids)).logits.float()
+            full = self.model(input_ids=ids, labels=ids, use_cache=False)
+            hidden = self.hidden(ids)
+            split = self.forward(hidden).logits.float()
+            logits = full.logits.float()
+            self._verified = bool(torch.allclose(logits, split, rtol=1e-4, atol=1e-4 * logits.abs().max().item()))
+            self._fused_head = self._verified and self._head_is_plain() and bool(
+                torch.isclose(self._fused_loss(hidden, ids), full.loss.float(), rtol=1e-4))
             self.model.train(was_training)
-            self._verified = bool(torch.allclose(full, split, rtol=1e-4, atol=1e-4 * full.abs().max().item()))
         return self.useful
+
+    def _head_is_plain(self) -> bool:
+        head = self.model.get_output_embeddings()
+        return type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad
+
+    def _fused_loss(self, hidden: Tensor, labels: Tensor) -> Tensor:
+        self._fused_head = True
+        try:
+            return self.loss(hidden, labels).float()
+        finally:
+            self._fused_head = False
 
     @contextmanager
     def _upper_layers_only(self) -> Iterator[None]:

@@ -138,7 +138,7 @@ def train_lora(model, tokenizer: PreTrainedTokenizerBase, task: Task, cfg: ZooTr
             if states is None:
                 loss = model(input_ids=batch, labels=batch, use_cache=False).loss
             else:
-                loss = prefix.forward(torch.stack([states[i] for i in drawn]), labels=batch).loss  # (B, L, H) in
+                loss = prefix.loss(torch.stack([states[i] for i in drawn]), batch)  # (B, L, H) in
         if not torch.isfinite(loss):
             raise FloatingPointError(f"task {task.name!r}: LoRA training loss is {loss.item()} at step {step}")
         loss.backward()

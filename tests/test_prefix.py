@@ -53,6 +53,7 @@ def test_training_on_the_cached_prefix_gives_the_same_lora(cache_dir, task_specs
         ckpts, skipped = train_lora(model, tokenizer, task, TRAINING, layout, "fp32", prefix)
         runs.append(ckpts)
         assert skipped == (1 if cached else 0)
+        assert not cached or prefix._fused_head  # the cached run also took the fused head loss
     plain, cached = runs
     assert not torch.equal(plain[0], plain[-1])  # it trained
     assert torch.allclose(plain, cached, rtol=1e-5, atol=1e-6)
