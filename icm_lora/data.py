@@ -196,10 +196,9 @@ class ZooDataModule(L.LightningDataModule):
     def build(self) -> None:
         """Build what the zoo lacks: LoRAs (the ranks split the tasks), then conditions (rank 0)."""
         ranks = Ranks.current()
-        cond_hash = self._condition_hash()
         # Rank 0 decides for everyone, so no rank skips a collective another rank is waiting in.
         zoo_stale, conditions_stale = ranks.gather(
-            (bool(mismatches(self.zoo_dir, self.sources(), self.training)), not self._conditions_current(cond_hash)))[0]
+            (bool(mismatches(self.zoo_dir, self.sources(), self.training)), self._stale_conditions()))[0]
         if not (zoo_stale or conditions_stale):
             return  # nothing to build: skip loading the base model
         start = time.time()
@@ -216,45 +215,70 @@ class ZooDataModule(L.LightningDataModule):
         if conditions_stale:
             start = time.time()
             if ranks.is_main:
-                self._build_conditions(model, tokenizer, cond_hash)
+                self._build_conditions(model, tokenizer, self._stale_conditions())  # the LoRAs may have changed
             ranks.barrier()
             self.phase_seconds["task vectors + description embeddings"] = time.time() - start
 
-    def _condition_hash(self) -> str:
-        # Task vectors through each task's own LoRA change when the LoRAs are retrained.
+    def _condition_hashes(self) -> dict[str, str]:
+        """Per task, a hash of what its condition is computed from: its text and the condition settings
+        (and, for task vectors through the task's own LoRA, how the LoRAs learn). Per task, so that
+        DataModules over different subsets of one zoo (the folds of a leave-tasks-out benchmark)
+        share the conditions they have in common."""
+        learnt = [self.training.learning()] if self.condition.model == "finetuned" else []
+        spec = self.condition.hashed() | {"kind": None}
+        return {t.name: fingerprint(spec, h, *learnt) for t, h in zip(self.task_specs, self.task_hashes())}
+
+    def _legacy_condition_hash(self) -> str:
+        """The one hash over all tasks that zoos written before per-task condition hashes recorded."""
         learnt = [self.training.learning()] if self.condition.model == "finetuned" else []
         return fingerprint(self.condition.hashed() | {"kind": None}, self.task_hashes(), *learnt)
 
-    def _conditions_current(self, cond_hash: str) -> bool:
+    def _stale_conditions(self) -> list[str]:
+        """Tasks whose stored condition is missing or was computed from other text or settings."""
         path = self.zoo_dir / "metadata.json"
-        meta = files.read_json(path) if path.exists() else {}
-        return meta.get("conditions", {}).get("hash") == cond_hash and (self.zoo_dir / CONDITIONS).exists()
+        built = (files.read_json(path) if path.exists() else {}).get("conditions", {})
+        if not (self.zoo_dir / CONDITIONS).exists():
+            return [t.name for t in self.task_specs]
+        if built.get("hash") == self._legacy_condition_hash():
+            return []
+        current = built.get("tasks", {})
+        return [name for name, h in self._condition_hashes().items() if current.get(name) != h]
 
     def _check_conditions(self) -> None:
         """For ``predict`` / ``validate`` / ``test``: conditions must have been built with this config."""
-        if self._conditions_current(self._condition_hash()):
+        stale = self._stale_conditions()
+        if not stale:
             return
         built = files.read_json(self.zoo_dir / "metadata.json").get("conditions", {}).get("spec", {})
         changes = [f"condition.{k} {built[k]!r} -> {v!r}" for k, v in self.condition.hashed().items()
                    if k in built and built[k] != v]
-        raise ZooMismatch(f"{self.zoo_dir / CONDITIONS}: the zoo's conditions were built with other settings "
-                         f"({'; '.join(changes) or 'missing, or built for other tasks'}); only `fit` builds "
-                         "them: run it with this config")
+        raise ZooMismatch(f"{self.zoo_dir / CONDITIONS}: the conditions of {', '.join(stale)} were built with other "
+                         f"settings or are missing ({'; '.join(changes) or 'missing, or built from other text'}); "
+                         "only `fit` builds them: run it with this config")
 
-    def _build_conditions(self, model, tokenizer, cond_hash: str) -> None:
+    def _build_conditions(self, model, tokenizer, names: list[str]) -> None:
+        """Compute the conditions of ``names`` and store them beside the other tasks' (kept as they are)."""
         meta = files.read_json(self.zoo_dir / "metadata.json")
-        tensors, zoo = {}, Zoo(self.zoo_dir)
+        path, zoo = self.zoo_dir / CONDITIONS, Zoo(self.zoo_dir)
+        built = meta.get("conditions", {})
+        old_spec = built.get("spec", {})
+        same_spec = {k: old_spec.get(k) for k in self.condition.hashed()} == self.condition.hashed() and path.exists()
+        tensors = files.load_tensors(path) if same_spec else {}
+        hashes = dict(built.get("tasks", {})) if same_spec else {}
         live = LiveAdapter(model, self.lora.peft_config(), self.layout) if self.condition.model == "finetuned" else None
-        for task in self.tasks:
+        tasks = [t for t in self.tasks if t.name in names]
+        for task in tasks:
             if live is not None:  # the authors' variant: the task's own fine-tuned model
                 live.load(zoo.final(task.name), f"{zoo.shard_path(task.name)} (final)")
             runner = live.model if live is not None else model
             tensors[f"task_vector/{slug(task.name)}"] = task_vectors(runner, tokenizer, task.demos, self.condition, task.name)
-        descriptions = description_embeddings([t.description or t.name for t in self.tasks], self.condition.embedder)
-        for task, emb in zip(self.tasks, descriptions):
+        descriptions = description_embeddings([t.description or t.name for t in tasks], self.condition.embedder)
+        for task, emb in zip(tasks, descriptions):
             tensors[f"description/{slug(task.name)}"] = emb
-        files.save_tensors(self.zoo_dir / CONDITIONS, tensors)
-        meta["conditions"] = {"file": CONDITIONS, "hash": cond_hash, "spec": asdict(self.condition)}
+        current = self._condition_hashes()
+        hashes.update({name: current[name] for name in names})
+        files.save_tensors(path, tensors)
+        meta["conditions"] = {"file": CONDITIONS, "spec": asdict(self.condition), "tasks": hashes}
         files.write_json(self.zoo_dir / "metadata.json", meta)
 
     # ---- reading --------------------------------------------------------------------------

@@ -122,3 +122,31 @@ def test_ranks_draw_different_meta_batches_and_cover_every_task():
 def test_an_epoch_covers_every_task_even_with_few_checkpoints():
     sampler = MetaBatchSampler(list(range(7)), tasks_per_batch=2, per_task=1, seed=0)  # 7 tasks, one item each
     assert {i for batch in sampler for i in batch} == set(range(7))
+
+
+def test_datamodules_over_subsets_of_one_zoo_share_its_conditions(datamodule, task_specs, cache_dir, monkeypatch):
+    dm, root = datamodule, str(datamodule.zoo_dir)
+    names = [s.name for s in task_specs[:2]]
+    built = []
+    monkeypatch.setattr(ZooDataModule, "_build_conditions", lambda self, m, t, stale: built.append(stale))
+    subset = ZooDataModule(root, base.TINY_LLAMA, task_specs[:2], BUDGET, LORA, TRAINING, CONDITION,
+                           cache_dir=str(cache_dir))
+    assert subset._stale_conditions() == []
+    subset.setup("fit")
+    assert built == [] and torch.equal(subset.raw_conditions(names), dm.raw_conditions(names))
+    # Another text for one task makes that task's condition (and LoRA) stale, and only that one.
+    changed = [task_specs[0], type(task_specs[1])(**{**task_specs[1].__dict__, "description": "other words"})]
+    other = ZooDataModule(root, base.TINY_LLAMA, changed, BUDGET, LORA, TRAINING, CONDITION, cache_dir=str(cache_dir))
+    assert other._stale_conditions() == [task_specs[1].name]
+
+
+def test_a_partial_rebuild_keeps_the_other_tasks_conditions(datamodule, task_specs, cache_dir):
+    dm, root = datamodule, str(datamodule.zoo_dir)
+    before = {n: dm.raw_conditions([n]) for n in dm.task_names}
+    changed = [task_specs[0], type(task_specs[1])(**{**task_specs[1].__dict__, "description": "other words"})]
+    other = ZooDataModule(root, base.TINY_LLAMA, changed, BUDGET, LORA, TRAINING, CONDITION, cache_dir=str(cache_dir))
+    other.setup("fit")
+    full = ZooDataModule(root, base.TINY_LLAMA, task_specs, BUDGET, LORA, TRAINING, CONDITION, cache_dir=str(cache_dir))
+    assert full._stale_conditions() == [task_specs[1].name]  # the zoo now holds the changed task's condition
+    for name in (task_specs[0].name, task_specs[2].name):
+        assert torch.equal(full.raw_conditions([name]), before[name])
