@@ -2,8 +2,8 @@
 
 Text always comes through ``datasets``: ``load_dataset("json" | "text", data_files=...)`` for local
 and packaged corpora, or a hub dataset name for users who can reach the hub. ``data_files`` may use
-``{pkg:MODULE}`` (the folder of an installed package) and ``{stdlib}`` (this Python's standard
-library) so packaged corpora need no absolute paths.
+``{pkg:MODULE}`` (the folder of an installed package), ``{stdlib}`` (this Python's standard
+library) and ``{include}`` (this Python's C headers) so packaged corpora need no absolute paths.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ class TaskSpec:
         description: one or two sentences describing the task, for description conditioning.
         builder: ``datasets`` builder: ``json``, ``text``, ``json_mapping`` (a JSON object whose
             values are records) or a hub dataset name.
-        data_files: file path(s) or glob(s) for local builders; may contain ``{pkg:MODULE}`` or
-            ``{stdlib}``.
+        data_files: file path(s) or glob(s) for local builders; may contain ``{pkg:MODULE}``,
+            ``{stdlib}`` or ``{include}``.
         text_field: column holding the text.
         where: keep only rows whose column equals the value, e.g. ``{topic: Mathematics}``; a value
             ending in ``*`` matches as a prefix (``{categories: "cs.LG*"}``); a list-valued column
@@ -96,6 +96,7 @@ def resolve_data_files(data_files: str | list[str] | None) -> list[str]:
     out: list[str] = []
     for pattern in patterns:
         pattern = pattern.replace("{stdlib}", sysconfig.get_paths()["stdlib"])
+        pattern = pattern.replace("{include}", sysconfig.get_paths()["include"])
         for module in re.findall(r"\{pkg:([\w.]+)\}", pattern):
             spec = importlib.util.find_spec(module)
             if spec is None or not spec.submodule_search_locations:

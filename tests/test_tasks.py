@@ -54,6 +54,7 @@ def test_too_little_text_for_a_split(tmp_path):
 
 def test_placeholders_resolve_and_missing_files_are_named(tmp_path):
     assert resolve_data_files("{stdlib}/json/__init__.py")[0].endswith("json/__init__.py")
+    assert resolve_data_files("{include}/Python.h")[0].endswith("Python.h")  # this Python's C headers
     assert resolve_data_files("{pkg:pytest}/__init__.py")
     with pytest.raises(FileNotFoundError, match="nope"):
         resolve_data_files(str(tmp_path / "nope*.txt"))
