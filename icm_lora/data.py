@@ -174,10 +174,10 @@ class ZooDataModule(L.LightningDataModule):
 
     def sources(self) -> dict[str, dict]:
         """Per task, what its text comes from (hashed into its zoo entry; named when it changes)."""
-        return {spec.name: {"task": asdict(spec), "text": asdict(self.text)} for spec in self.task_specs}
+        return {spec.name: {"task": spec.hashed(), "text": asdict(self.text)} for spec in self.task_specs}
 
     def task_hashes(self) -> list[str]:
-        return [fingerprint(spec, self.text) for spec in self.task_specs]
+        return [fingerprint(spec.hashed(), self.text) for spec in self.task_specs]
 
     @property
     def device(self) -> torch.device:

@@ -35,6 +35,8 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -47,6 +49,7 @@ from icm_lora.base import Unreachable
 from icm_lora.cli import ICMLoRACLI, Trainer
 from icm_lora.data import ZooDataModule
 from icm_lora.evaluate import LiveAdapter, Score, TextScorer
+from icm_lora.lora_sweep import LoRASweep
 from icm_lora.system import ICMLoRA
 from icm_lora.tasks import Task, slug
 from icm_lora.zoo import Zoo, ZooMismatch
@@ -106,11 +109,13 @@ class OpenWorld:
 
 
 class OpenWorldCLI(ICMLoRACLI):
-    """The project's CLI with an ``openworld`` section; it parses and builds, the benchmark runs."""
+    """The project's CLI with an ``openworld`` section (and the ``lora_sweep`` that chose the zoo's
+    settings, run by ``python -m icm_lora.lora_sweep``); it parses and builds, the benchmark runs."""
 
     def add_arguments_to_parser(self, parser) -> None:
         super().add_arguments_to_parser(parser)
         parser.add_class_arguments(OpenWorld, "openworld")
+        parser.add_class_arguments(LoRASweep, "lora_sweep")
 
 
 def check(spec: OpenWorld, names: list[str]) -> None:
@@ -158,14 +163,16 @@ class Benchmark:
         self.family = {t: f for f, tasks in self.spec.families.items() for t in tasks}
         self.out = Path(self.spec.output)
         self.runs = self.out.parent / f"{self.out.name}_runs"
-        self.seconds: dict[str, float] = {}
+        self.seconds: dict[str, float] = {}  # this run's wall time per phase
+        self.spent = self.runs / "phases.json"  # wall time per phase summed over every run, resumed ones included
+        self.before: dict[str, float] = files.read_json(self.spent) if self.spent.exists() else {}
         self.config = copy.deepcopy(cli.config)
 
     # ---- phases -----------------------------------------------------------------------------
     def run(self) -> list[dict]:
         start = time.time()
-        self.whole.setup("fit")  # every task's LoRA (the oracles included) and every task's conditions
-        self.seconds["zoo + conditions (all tasks)"] = time.time() - start
+        with self.phase("zoo + conditions (all tasks)"):
+            self.whole.setup("fit")  # every task's LoRA (the oracles included) and every task's conditions
         model, tokenizer = base.load(self.whole.base_model, self.whole.cache_dir)
         self.model, self.tokenizer = model.to(self.whole.device), tokenizer
         rows = []
@@ -178,16 +185,23 @@ class Benchmark:
 
     def run_fold(self, fold: Fold) -> list[dict]:
         seen = [n for n in self.names if n not in fold.held_out]
-        start = time.time()
-        generators = {kind: self.generator(fold, seen, kind) for kind in self.spec.kinds}
-        self.seconds[f"{fold.name}: generators"] = time.time() - start
-        start = time.time()
-        multitask = self.multitask(fold, seen)
-        self.seconds[f"{fold.name}: multi-task LoRA"] = time.time() - start
-        start = time.time()
-        rows = [self.score(fold, seen, name, generators, multitask) for name in fold.held_out]
-        self.seconds[f"{fold.name}: scoring"] = time.time() - start
+        with self.phase(f"{fold.name}: generators"):
+            generators = {kind: self.generator(fold, seen, kind) for kind in self.spec.kinds}
+        with self.phase(f"{fold.name}: multi-task LoRA"):
+            multitask = self.multitask(fold, seen)
+        with self.phase(f"{fold.name}: scoring"):
+            rows = [self.score(fold, seen, name, generators, multitask) for name in fold.held_out]
         return rows
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time the block into this run's phases and, even if it is interrupted, into the total over all runs."""
+        start = time.time()
+        try:
+            yield
+        finally:
+            self.seconds[name] = time.time() - start
+            files.write_json(self.spent, self.before | {k: self.before.get(k, 0.0) + v for k, v in self.seconds.items()})
 
     def generator(self, fold: Fold, seen: list[str], kind: str) -> tuple[ICMLoRA, ZooDataModule]:
         """The fold's generator for ``kind``, trained on the seen tasks (reused when already trained)."""
@@ -348,12 +362,15 @@ class Benchmark:
         import transformers
 
         device = self.whole.device
-        phases = "\n".join(f"| {k} | {v:.0f} |" for k, v in self.seconds.items())
+        total = files.read_json(self.spent)
+        phases = "\n".join(f"| {k} | {total[k]:.0f} | {v:.0f} |" for k, v in self.seconds.items())
         return (f"Command: `{' '.join(['python -m icm_lora.openworld'] + sys.argv[1:])}`; seed "
                 f"{self.config.seed_everything}.\n\nHardware: {hardware.describe(device)}; torch {torch.__version__}, "
                 f"transformers {transformers.__version__}, peft {peft.__version__}. Zoo: `{self.whole.zoo_dir}` "
-                f"({len(self.names)} tasks, {len(self.spec.families)} families).\n\n| phase | seconds |\n|---|---|\n"
-                f"{phases}\n| total | {seconds:.0f} |\n")
+                f"({len(self.names)} tasks, {len(self.spec.families)} families).\n\nWall time per phase: over every run "
+                f"that worked on it (an interrupted run resumed) and in this run (a reused phase takes seconds).\n\n"
+                f"| phase | seconds, all runs | seconds, this run |\n|---|---|---|\n{phases}\n"
+                f"| total | {sum(total[k] for k in self.seconds):.0f} | {seconds:.0f} |\n")
 
 
 def _centred(conditions: Tensor) -> Tensor:

@@ -39,6 +39,9 @@ class TaskSpec:
         hub_config: dataset configuration name for hub datasets.
         split: dataset split to read (train / validation / test are carved from it).
         strip_front_matter: drop a leading ``---``-delimited YAML block from each document.
+        chunk_chars: cut each document into pieces of about this many characters at line breaks,
+            for corpora that ship as a few large files (a whole Bible, a long JSON schema); each
+            piece is then a document of its own. ``None`` keeps documents whole.
     """
 
     name: str
@@ -50,6 +53,19 @@ class TaskSpec:
     hub_config: str | None = None
     split: str = "train"
     strip_front_matter: bool = False
+    chunk_chars: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.chunk_chars is not None and self.chunk_chars < 1:
+            raise ValueError(f"task {self.name!r}: chunk_chars must be positive, got {self.chunk_chars}")
+
+    def hashed(self) -> dict:
+        """The fields that identify the task's text; options left at their default are omitted, so
+        adding an option does not make existing zoos stale."""
+        return {k: v for k, v in asdict(self).items() if not (k in _OPTIONAL and v == _OPTIONAL[k])}
+
+
+_OPTIONAL = {"chunk_chars": None}  # options added after zoos existed, with their defaults
 
 
 @dataclass
@@ -139,6 +155,8 @@ def load_documents(spec: TaskSpec) -> list[str]:
             raise KeyError(f"task {spec.name!r}: 'where' names column {key!r}, not in {ds.column_names}")
         ds = ds.filter(lambda row, k=key, v=value: _matches(row[k], v))
     docs = [_clean(t, spec.strip_front_matter) for t in ds[spec.text_field]]
+    if spec.chunk_chars is not None:
+        docs = [piece for doc in docs for piece in chunk_lines(doc, spec.chunk_chars)]
     docs = [d for d in docs if d]
     if not docs:
         raise ValueError(f"task {spec.name!r} is empty: no text in {files or spec.builder} "
@@ -154,7 +172,27 @@ def _matches(cell: object, value: str) -> bool:
     return cell.startswith(value[:-1]) if value.endswith("*") else cell == value
 
 
-def _clean(text: str | None, strip_front_matter: bool) -> str:
+def chunk_lines(text: str, size: int) -> list[str]:
+    """``text`` in consecutive pieces of whole lines, each about ``size`` characters (a single longer
+    line is cut); stripped, empty pieces dropped."""
+    pieces, current, used = [], [], 0
+    for line in text.splitlines(keepends=True):
+        while len(line) > size:  # one line longer than a piece: cut it
+            line_head, line = line[:size], line[size:]
+            pieces.append("".join(current) + line_head)
+            current, used = [], 0
+        if used + len(line) > size and current:
+            pieces.append("".join(current))
+            current, used = [], 0
+        current.append(line)
+        used += len(line)
+    pieces.append("".join(current))
+    return [p.strip() for p in pieces if p.strip()]
+
+
+def _clean(text: str | list[str] | None, strip_front_matter: bool) -> str:
+    if isinstance(text, (list, tuple)):  # a record holding its text as lines (verse, dialogue turns)
+        text = "\n".join(str(line) for line in text if line is not None)
     text = (text or "").strip()
     if strip_front_matter and text.startswith("---"):
         end = text.find("\n---", 3)

@@ -83,9 +83,16 @@ def test_runs_end_to_end_and_a_second_run_reuses_everything(tmp_path, task_specs
     assert list((out / "ow_runs" / "test" / "task_vector").glob("events.out.tfevents*"))
     assert (out / "ow_runs" / "test" / "task_vector" / "projector_config.pbtxt").exists()
 
+    spent = files.read_json(out / "ow_runs" / "phases.json")
+    assert set(spent) == {"zoo + conditions (all tasks)"} | {f"{f}: {p}" for f in ("val", "test")
+                                                             for p in ("generators", "multi-task LoRA", "scoring")}
+    assert "| seconds, all runs | seconds, this run |" in table
+
     monkeypatch.setattr(Trainer, "fit", lambda *a, **k: pytest.fail("a finished fold was trained again"))
     again = openworld.main(["--config", path])
     assert again == rows
+    summed = files.read_json(out / "ow_runs" / "phases.json")  # the resumed run adds its time, loses none
+    assert summed.keys() == spent.keys() and all(summed[k] >= spent[k] for k in spent)
 
 
 def fold_generator(tmp_path, task_specs, cache_dir, zoo, held_out: str) -> tuple[dict, ZooDataModule]:

@@ -2,7 +2,16 @@ import json
 
 import pytest
 
-from icm_lora.tasks import TaskSpec, TextBudget, load_documents, load_task_file, resolve_data_files, split_task
+from icm_lora.tasks import (
+    TaskSpec,
+    TextBudget,
+    chunk_lines,
+    fingerprint,
+    load_documents,
+    load_task_file,
+    resolve_data_files,
+    split_task,
+)
 
 
 def test_splits_are_disjoint_documents_within_budget(task_specs):
@@ -70,3 +79,33 @@ def test_task_file_validation(tmp_path):
     bad.write_text("name: new\n")
     with pytest.raises(ValueError, match="bad.yaml.*examples"):
         load_task_file(bad)
+
+
+def test_chunk_lines_keeps_every_line_in_order():
+    text = "\n".join(f"line {i:03d} " + "x" * (i % 7) for i in range(200))
+    pieces = chunk_lines(text, 100)
+    assert all(len(p) <= 100 for p in pieces) and len(pieces) > 10
+    assert "\n".join(pieces).split("\n") == text.split("\n")  # nothing lost, nothing reordered
+    long_line = chunk_lines("a" * 250, 100)
+    assert [len(p) for p in long_line] == [100, 100, 50]
+
+
+def test_big_files_are_chunked_into_documents_and_line_lists_joined(tmp_path):
+    big = tmp_path / "bible.txt"
+    big.write_text("\n".join(f"verse {i} and it came to pass" for i in range(300)))
+    whole = load_documents(TaskSpec("t", builder="text", data_files=str(big)))
+    chunked = load_documents(TaskSpec("t", builder="text", data_files=str(big), chunk_chars=500))
+    assert len(whole) == 1 and len(chunked) > 10 and "\n".join(chunked) == whole[0]
+    poems = tmp_path / "poems.json"
+    poems.write_text(json.dumps([{"id": 1, "poem": ["first line", "second line"]}, {"id": 2, "poem": []}]))
+    assert load_documents(TaskSpec("t", builder="json", data_files=str(poems), text_field="poem")) == [
+        "first line\nsecond line"]
+    with pytest.raises(ValueError, match="chunk_chars must be positive"):
+        TaskSpec("t", chunk_chars=0)
+
+
+def test_new_options_at_their_default_keep_existing_zoo_hashes():
+    spec = TaskSpec("t", builder="text", data_files="x.txt")
+    old_style = {k: v for k, v in spec.__dict__.items() if k != "chunk_chars"}  # a spec before chunk_chars
+    assert spec.hashed() == old_style and fingerprint(spec.hashed()) == fingerprint(old_style)
+    assert "chunk_chars" in TaskSpec("t", chunk_chars=10).hashed()
