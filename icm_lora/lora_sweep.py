@@ -213,19 +213,9 @@ def report(rows: list[dict], header: str) -> tuple[str, str]:
 
 def main(args: list[str] | None = None) -> list[dict]:
     """Parse the config (the openworld YAML, whose CLI has the ``lora_sweep`` section) and sweep."""
-    from icm_lora.base import Unreachable
-    from icm_lora.cli import Trainer
-    from icm_lora.data import ZooDataModule
-    from icm_lora.openworld import OpenWorldCLI
-    from icm_lora.system import ICMLoRA
-    from icm_lora.zoo import ZooMismatch
+    from icm_lora.openworld import run_with_cli  # openworld's CLI imports this module's LoRASweep
 
-    try:
-        cli = OpenWorldCLI(ICMLoRA, ZooDataModule, trainer_class=Trainer, run=False, args=args,
-                           save_config_kwargs={"overwrite": True})
-        return Sweep(cli).run()
-    except (Unreachable, ZooMismatch, SweepError) as err:
-        raise SystemExit(f"icm_lora lora_sweep: {err}") from None
+    return run_with_cli(Sweep, "icm_lora lora_sweep", (SweepError,), args)
 
 
 if __name__ == "__main__":

@@ -496,14 +496,20 @@ def gap_figure(rows: list[dict]) -> bytes:
     return buf.getvalue()
 
 
-def main(args: list[str] | None = None) -> list[dict]:
-    """Parse the config, run the benchmark; configuration errors end with one line, not a traceback."""
+def run_with_cli(runner, command: str, errors: tuple[type[Exception], ...], args: list[str] | None) -> list[dict]:
+    """Parse the config with ``OpenWorldCLI`` and ``runner(cli).run()``; an unreachable hub, a zoo that
+    does not match the config, or one of ``errors`` ends with one line naming ``command``, not a traceback."""
     try:
         cli = OpenWorldCLI(ICMLoRA, ZooDataModule, trainer_class=Trainer, run=False, args=args,
                            save_config_kwargs={"overwrite": True})
-        return Benchmark(cli).run()
-    except (Unreachable, ZooMismatch, OpenWorldError) as err:
-        raise SystemExit(f"icm_lora openworld: {err}") from None
+        return runner(cli).run()
+    except (Unreachable, ZooMismatch, *errors) as err:
+        raise SystemExit(f"{command}: {err}") from None
+
+
+def main(args: list[str] | None = None) -> list[dict]:
+    """Parse the config and run the benchmark."""
+    return run_with_cli(Benchmark, "icm_lora openworld", (OpenWorldError,), args)
 
 
 if __name__ == "__main__":
