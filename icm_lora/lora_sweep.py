@@ -140,7 +140,6 @@ class Sweep:
                 "steps": training.steps, "lr": training.lr, "dim": live.layout.dim,
                 "tokens": training.steps * training.batch_size * training.block_size, "tasks": per_task}
 
-
     def write(self, rows: list[dict], seconds: float) -> None:
         out = Path(self.spec.output)
         device = self.dm.device

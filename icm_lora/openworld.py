@@ -201,7 +201,11 @@ class Benchmark:
             yield
         finally:
             self.seconds[name] = time.time() - start
-            files.write_json(self.spent, self.before | {k: self.before.get(k, 0.0) + v for k, v in self.seconds.items()})
+            files.write_json(self.spent, self.all_runs())
+
+    def all_runs(self) -> dict[str, float]:
+        """Wall time per phase over every run: the earlier runs' plus this run's."""
+        return self.before | {k: self.before.get(k, 0.0) + v for k, v in self.seconds.items()}
 
     def generator(self, fold: Fold, seen: list[str], kind: str) -> tuple[ICMLoRA, ZooDataModule]:
         """The fold's generator for ``kind``, trained on the seen tasks (reused when already trained)."""
@@ -362,7 +366,7 @@ class Benchmark:
         import transformers
 
         device = self.whole.device
-        total = files.read_json(self.spent)
+        total = self.all_runs()
         phases = "\n".join(f"| {k} | {total[k]:.0f} | {v:.0f} |" for k, v in self.seconds.items())
         return (f"Command: `{' '.join(['python -m icm_lora.openworld'] + sys.argv[1:])}`; seed "
                 f"{self.config.seed_everything}.\n\nHardware: {hardware.describe(device)}; torch {torch.__version__}, "
