@@ -136,3 +136,8 @@ def test_a_task_without_examples_or_description_is_an_error(zoo, task_specs, cac
     dm.setup("fit")
     with pytest.raises(ValueError, match="needs a 'description'"):
         dm.condition_for(None, "", "empty")
+    demos = ZooDataModule(str(zoo), "random:tiny-llama", task_specs, BUDGET, LORA, TRAINING, CONDITION,
+                          cache_dir=str(cache_dir))
+    demos.setup("fit")
+    with pytest.raises(ValueError, match="needs 'examples'"):
+        demos.condition_for([], None, "no examples")
