@@ -175,12 +175,20 @@ class Benchmark:
             self.whole.setup("fit")  # every task's LoRA (the oracles included) and every task's conditions
         model, tokenizer = base.load(self.whole.base_model, self.whole.cache_dir)
         self.model, self.tokenizer = model.to(self.whole.device), tokenizer
-        rows = []
+        rows, done = [], []
         for fold in self.spec.folds:
             rows += self.run_fold(fold)
+            done.append(fold.name)
+            if len(done) < len(self.spec.folds) and any(r["role"] == "test" for r in rows):
+                self.finish(rows, start, done)  # a partial table after each fold, so a long run shows what it has
+        return self.finish(rows, start, done)
+
+    def finish(self, rows: list[dict], start: float, done: list[str]) -> list[dict]:
+        """Finish the rows of the folds in ``done`` and write the table (marked partial until every fold is done)."""
         chosen = choose_top_k(rows, self.spec)
         rows = [finish_row(r, chosen) for r in rows]
-        self.write(rows, chosen, time.time() - start)
+        todo = [f.name for f in self.spec.folds if f.name not in done]
+        self.write(rows, chosen, time.time() - start, todo)
         return rows
 
     def run_fold(self, fold: Fold) -> list[dict]:
@@ -348,8 +356,12 @@ class Benchmark:
             experiment.add_embedding(self.whole.raw_conditions(self.names, kind), metadata=labels,
                                      metadata_header=["task", "family", "role"], tag=f"{kind}s", global_step=0)
 
-    def write(self, rows: list[dict], chosen: dict, seconds: float) -> None:
-        markdown, table = report(rows, chosen, self.header(seconds))
+    def write(self, rows: list[dict], chosen: dict, seconds: float, todo: list[str] | None = None) -> None:
+        header = self.header(seconds)
+        if todo:
+            header = (f"**Partial**: written after the folds finished so far; still to run: {', '.join(todo)}. "
+                      "The means below cover only the finished test folds.\n\n" + header)
+        markdown, table = report(rows, chosen, header)
         files.write_text(self.out.with_suffix(".md"), markdown)
         files.write_text(self.out.with_suffix(".csv"), table)
         figure = gap_figure([r for r in rows if r["role"] == "test"])
@@ -436,7 +448,7 @@ def _png_to_chw(png: bytes):
 def report(rows: list[dict], chosen: dict, header: str) -> tuple[str, str]:
     """Markdown (per test task and on average) and CSV (every fold, every method) of the benchmark."""
     test = [r for r in rows if r["role"] == "test"]
-    methods = list(test[0]["methods"])
+    methods = common_methods(test)
     lines = ["# Open world: adapters for held-out tasks", "", header,
              f"Top-K mean: {chosen['method']}, chosen on {chosen['on']}. Gap: share of the base -> oracle gap in "
              "NLL per token that a method closes (1 = the task's own LoRA, 0 = the base model). "
@@ -460,6 +472,7 @@ def report(rows: list[dict], chosen: dict, header: str) -> tuple[str, str]:
             std = f" ± {v['ppl_std']:.2f}" if v["ppl_std"] > 0 else ""
             cells.append(f"{v['ppl']:.2f}{std} ({v['gap']:+.2f})")
         lines.append(f"| {r['fold']} | {r['task']} | {r['family']} | {r['seen_relatives']} | " + " | ".join(cells) + " |")
+    lines += budget_table(rows)
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["fold", "role", "task", "family", "seen_relatives", "nearest_tv", "nearest_desc", "other_task",
@@ -472,6 +485,27 @@ def report(rows: list[dict], chosen: dict, header: str) -> tuple[str, str]:
     return "\n".join(lines) + "\n", buf.getvalue()
 
 
+def common_methods(rows: list[dict]) -> list[str]:
+    """The methods every row has (the budget fold's extra multi-task budgets are not in the others), in order."""
+    return [m for m in rows[0]["methods"] if all(m in r["methods"] for r in rows)] if rows else []
+
+
+def budget_table(rows: list[dict]) -> list[str]:
+    """Markdown lines: the multi-task LoRA at every budget on the fold that has them all, beside base,
+    oracle and ICM-LoRA (empty when every fold has the same budgets)."""
+    budgets = [r for r in rows if any(m.startswith("multi-task") and m not in common_methods(rows) for m in r["methods"])]
+    if not budgets:
+        return []
+    methods = [m for m in budgets[0]["methods"] if m in ("base", "oracle") or m.startswith(("multi-task", "ICM-LoRA"))
+               and "z=0" not in m]
+    lines = ["", f"## The multi-task LoRA at every budget (fold {budgets[0]['fold']}, {budgets[0]['role']} text): "
+             "perplexity (gap closed)", "", "| task | " + " | ".join(methods) + " |", "|" + "---|" * (1 + len(methods))]
+    for r in budgets:
+        cells = [f"{r['methods'][m]['ppl']:.2f} ({r['methods'][m]['gap']:+.2f})" for m in methods]
+        lines.append(f"| {r['task']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def gap_figure(rows: list[dict]) -> bytes:
     """PNG: for each held-out test task, the share of the base -> oracle gap each method closes."""
     import matplotlib
@@ -479,7 +513,7 @@ def gap_figure(rows: list[dict]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = [m for m in rows[0]["methods"] if m not in ("base", "oracle")]
+    methods = [m for m in common_methods(rows) if m not in ("base", "oracle")]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(rows) * len(methods)) + 3.5, 4.5))
     width = 0.8 / len(methods)
     colours = plt.get_cmap("tab20").colors

@@ -15,7 +15,8 @@ from icm_lora.openworld import Benchmark, Fold, OpenWorld, OpenWorldCLI, OpenWor
 from icm_lora.system import ICMLoRA
 
 FAMILIES = {"words": ["numbers", "animals"], "code": ["code"]}
-FOLDS = [{"name": "val", "held_out": ["animals"], "role": "validation"}, {"name": "test", "held_out": ["code"]}]
+FOLDS = [{"name": "val", "held_out": ["animals"], "role": "validation"}, {"name": "test", "held_out": ["code"]},
+         {"name": "last", "held_out": ["numbers"]}]
 
 
 def write_config(tmp_path, task_specs, cache_dir, zoo, **openworld_args) -> str:
@@ -63,8 +64,19 @@ def test_a_bad_config_exits_with_one_line(tmp_path, task_specs, cache_dir, zoo):
 
 def test_runs_end_to_end_and_a_second_run_reuses_everything(tmp_path, task_specs, cache_dir, zoo, monkeypatch):
     path = write_config(tmp_path, task_specs, cache_dir, zoo)
+    tables = []  # what each write left in the table: a partial one after each test fold but the last
+    real_write = Benchmark.write
+
+    def spy(self, *args):
+        real_write(self, *args)
+        tables.append(self.out.with_suffix(".md").read_text())
+    monkeypatch.setattr(Benchmark, "write", spy)
     rows = openworld.main(["--config", path])
-    assert [(r["fold"], r["task"]) for r in rows] == [("val", "animals"), ("test", "code")]
+    assert [(r["fold"], r["task"]) for r in rows] == [("val", "animals"), ("test", "code"), ("last", "numbers")]
+    assert len(tables) == 2 and "**Partial**" in tables[0] and "still to run: last." in tables[0]
+    assert "| test | code |" in tables[0] and "| last |" not in tables[0]
+    assert "Partial" not in tables[1] and "| last | numbers |" in tables[1]
+    monkeypatch.undo()
     for row in rows:
         methods = row["methods"]
         assert methods["base"]["gap"] == 0 and methods["oracle"]["gap"] == pytest.approx(1.0)
@@ -72,19 +84,23 @@ def test_runs_end_to_end_and_a_second_run_reuses_everything(tmp_path, task_specs
                 "ICM-LoRA (description)", "control: another task's demonstrations",
                 "control: random-character description"} <= set(methods)
         assert methods["ICM-LoRA (task_vector)"]["ppl_std"] > 0  # several samples, not one draw
-    assert row["nearest_tv"] in ("numbers", "animals") and row["other_task"] != "code"
+    assert rows[1]["nearest_tv"] in ("numbers", "animals") and rows[1]["other_task"] != "code"
     budgets = [m for m in rows[1]["methods"] if m.startswith("multi-task")]
     assert budgets == ["multi-task LoRA (128 tokens)", "multi-task LoRA (256 tokens)"]  # the budget fold: both
     assert [m for m in rows[0]["methods"] if m.startswith("multi-task")] == ["multi-task LoRA (128 tokens)"]
     out = tmp_path / "results"
     table = (out / "ow.md").read_text()
     assert "| code | code | 0 |" in table and "chosen on validation folds (1 held-out tasks)" in table
+    mean_table, per_task = table.split("## Per held-out task")
+    assert "| multi-task LoRA (128 tokens) |" in mean_table and "256 tokens" not in mean_table  # not in every fold
+    budgets = per_task.split("## The multi-task LoRA at every budget (fold test, test text)")[1]
+    assert "multi-task LoRA (128 tokens) | multi-task LoRA (256 tokens)" in budgets and "| code |" in budgets
     assert (out / "ow.png").read_bytes()[:4] == b"\x89PNG" and (out / "ow.csv").read_text().count("\n") > 20
     assert list((out / "ow_runs" / "test" / "task_vector").glob("events.out.tfevents*"))
     assert (out / "ow_runs" / "test" / "task_vector" / "projector_config.pbtxt").exists()
 
     spent = files.read_json(out / "ow_runs" / "phases.json")
-    assert set(spent) == {"zoo + conditions (all tasks)"} | {f"{f}: {p}" for f in ("val", "test")
+    assert set(spent) == {"zoo + conditions (all tasks)"} | {f"{f}: {p}" for f in ("val", "test", "last")
                                                              for p in ("generators", "multi-task LoRA", "scoring")}
     assert "| seconds, all runs | seconds, this run |" in table
 
