@@ -175,6 +175,8 @@ class Benchmark:
             self.whole.setup("fit")  # every task's LoRA (the oracles included) and every task's conditions
         model, tokenizer = base.load(self.whole.base_model, self.whole.cache_dir)
         self.model, self.tokenizer = model.to(self.whole.device), tokenizer
+        with self.phase("zoo on test (all tasks)"):
+            self.zoo_rows = self.zoo_quality()
         rows, done = [], []
         for fold in self.spec.folds:
             rows += self.run_fold(fold)
@@ -265,6 +267,22 @@ class Benchmark:
         return out
 
     # ---- scoring ----------------------------------------------------------------------------
+    def zoo_quality(self) -> list[dict]:
+        """Per zoo task, on its test text: the base model, its own LoRA and the soup of all the zoo's LoRAs
+        (does each LoRA learn something of its own, beyond what every task shares?)."""
+        live, scorer = self.scorer()
+        zoo = Zoo(self.whole.zoo_dir)
+        soup = zoo.soup(self.names)
+        rows = []
+        for task in self.whole.tasks:
+            scores = {}
+            for method, flat in (("base", None), ("own LoRA", zoo.final(task.name)), ("soup", soup)):
+                with live.use(flat):
+                    scores[method] = scorer.score(task.test)
+            rows.append({"task": task.name, "family": self.family[task.name]} | {m: v.ppl for m, v in scores.items()}
+                        | {f"{m} bpc": v.bpc for m, v in scores.items()})
+        return rows
+
     def scorer(self) -> tuple[LiveAdapter, TextScorer]:
         if not hasattr(self, "_live"):
             ev = self.cli.config.eval
@@ -362,6 +380,7 @@ class Benchmark:
             header = (f"**Partial**: written after the folds finished so far; still to run: {', '.join(todo)}. "
                       "The means below cover only the finished test folds.\n\n" + header)
         markdown, table = report(rows, chosen, header)
+        markdown += zoo_table(getattr(self, "zoo_rows", []))
         files.write_text(self.out.with_suffix(".md"), markdown)
         files.write_text(self.out.with_suffix(".csv"), table)
         figure = gap_figure([r for r in rows if r["role"] == "test"])
@@ -483,6 +502,22 @@ def report(rows: list[dict], chosen: dict, header: str) -> tuple[str, str]:
                              r["nearest_desc"], r["other_task"], m, v["ppl"], v["ppl_std"], v["bpc"], v["gap"],
                              v["gap_std"]])
     return "\n".join(lines) + "\n", buf.getvalue()
+
+
+def zoo_table(rows: list[dict]) -> str:
+    """Markdown: each zoo task's own LoRA against the base model and the soup of all, on test, and the summary."""
+    if not rows:
+        return ""
+    gains = [100 * (1 - r["own LoRA"] / r["base"]) for r in rows]
+    wins = sum(r["own LoRA"] < r["soup"] for r in rows)
+    lines = ["", f"## The zoo on test: each task's own LoRA against the base model and the soup of all {len(rows)}", "",
+             f"Own LoRA better than base by {statistics.fmean(gains):.1f}% perplexity on average (from "
+             f"{min(gains):.1f}% to {max(gains):.1f}%); better than the soup on {wins} of {len(rows)} tasks.", "",
+             "| task | family | base | own LoRA | soup | own vs base | base bpc | own bpc |", "|---|---|---|---|---|---|---|---|"]
+    for r, gain in zip(rows, gains):
+        lines.append(f"| {r['task']} | {r['family']} | {r['base']:.2f} | {r['own LoRA']:.2f} | {r['soup']:.2f} | "
+                     f"-{gain:.1f}% | {r['base bpc']:.3f} | {r['own LoRA bpc']:.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 def common_methods(rows: list[dict]) -> list[str]:

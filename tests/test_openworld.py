@@ -91,6 +91,8 @@ def test_runs_end_to_end_and_a_second_run_reuses_everything(tmp_path, task_specs
     out = tmp_path / "results"
     table = (out / "ow.md").read_text()
     assert "| code | code | 0 |" in table and "chosen on validation folds (1 held-out tasks)" in table
+    zoo_part = table.split("## The zoo on test: each task's own LoRA against the base model and the soup of all 3")[1]
+    assert "better than the soup on" in zoo_part and all(f"| {t} |" in zoo_part for t in ("numbers", "animals", "code"))
     mean_table, per_task = table.split("## Per held-out task")
     assert "| multi-task LoRA (128 tokens) |" in mean_table and "256 tokens" not in mean_table  # not in every fold
     budgets = per_task.split("## The multi-task LoRA at every budget (fold test, test text)")[1]
@@ -100,7 +102,7 @@ def test_runs_end_to_end_and_a_second_run_reuses_everything(tmp_path, task_specs
     assert (out / "ow_runs" / "test" / "task_vector" / "projector_config.pbtxt").exists()
 
     spent = files.read_json(out / "ow_runs" / "phases.json")
-    assert set(spent) == {"zoo + conditions (all tasks)"} | {f"{f}: {p}" for f in ("val", "test", "last")
+    assert set(spent) == {"zoo + conditions (all tasks)", "zoo on test (all tasks)"} | {f"{f}: {p}" for f in ("val", "test", "last")
                                                              for p in ("generators", "multi-task LoRA", "scoring")}
     assert "| seconds, all runs | seconds, this run |" in table
 
