@@ -9,6 +9,9 @@
    the test perplexity of the two LoRAs.
 3. Scoring: tokens/s of scoring several adapters on one text, with and without the frozen prefix reused.
 4. CVAE: training samples/s and the time to decode one LoRA, at the config's sizes.
+5. Precision check: one full training step and one bare matmul in fp32 and in bf16, beside what
+   ``precision: auto`` chose, so a user sees whether the choice is the faster one on their machine
+   (bf16 is timed only where the device has native bf16: elsewhere one step takes minutes).
 
 Every figure is tagged with the device (CPU capability and model, or GPU name) and the precision;
 ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`` makes a newer CPU run AVX2 kernels. The
@@ -117,6 +120,39 @@ def step_breakdown(peft_model, cfg: ZooTraining, precision: str, threads: int) -
     return out
 
 
+def precision_check(peft_model, cfg: ZooTraining) -> dict:
+    """Seconds of one full training step and of a 512x576 @ 576x1536 matmul in fp32 and, where the device
+    has native bf16, in bf16 (``None`` where it is not timed)."""
+    device = next(peft_model.parameters()).device
+    ids = torch.randint(0, peft_model.config.vocab_size, (cfg.batch_size, cfg.block_size), device=device)
+    a, b = torch.randn(512, 576, device=device), torch.randn(576, 1536, device=device)
+    out = {}
+    for precision in ("fp32", "bf16"):
+        timed = precision == "fp32" or hardware.native_bf16(device)
+        out[precision] = seconds(_step(peft_model, ids, precision)) if timed else None
+        out[f"{precision} matmul"] = seconds(_matmul(a, b, precision), repeats=10) if timed else None
+    for p in peft_model.parameters():
+        p.grad = None
+    return out
+
+
+def _step(peft_model, ids: torch.Tensor, precision: str):
+    """A full forward + backward of the LoRA model on ``ids`` in ``precision``, as a callable."""
+    device = ids.device
+
+    def step() -> None:
+        with autocast(precision, device):
+            peft_model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+
+    return step
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, precision: str):
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    x, y = a.to(dtype), b.to(dtype)
+    return lambda: x @ y
+
+
 def zoo_speed(peft_model, tokenizer, task, dm: ZooDataModule, precision: str) -> dict:
     """Tokens/s of the zoo builder and of the plain loop, and the test perplexity of each LoRA."""
     cfg, layout = dm.training, dm.layout
@@ -157,8 +193,25 @@ def scoring_speed(peft_model, tokenizer, task, dm: ZooDataModule, precision: str
     return out
 
 
+def precision_lines(check: dict, chosen: str) -> list[str]:
+    """Markdown: the step and the matmul in each precision, and whether ``auto``'s choice is the faster step."""
+    def cell(v: float | None, scale: float = 1.0, digits: int = 3) -> str:
+        return "not timed (no native bf16)" if v is None else f"{v * scale:.{digits}f}"
+
+    lines = ["## Precision check: what `precision: auto` chose, against the other", "",
+             "| precision | full training step (s) | 512x576 @ 576x1536 matmul (ms) |", "|---|---|---|"]
+    lines += [f"| {p}{' (chosen)' if p == chosen else ''} | {cell(check[p])} | {cell(check[f'{p} matmul'], 1e3, 1)} |"
+              for p in ("fp32", "bf16")]
+    if check["bf16"] is not None:
+        faster = "bf16" if check["bf16"] < check["fp32"] else "fp32"
+        verdict = "the faster one" if faster == chosen else f"NOT the faster one: set precision: {faster} here"
+        lines += ["", f"The full step runs {check['fp32'] / check['bf16']:.2f}x as fast in bf16 as in fp32 (the bare "
+                  f"matmul {check['fp32 matmul'] / check['bf16 matmul']:.2f}x): `auto`'s choice, {chosen}, is {verdict}."]
+    return lines + [""]
+
+
 def report(tag: str, dm: ZooDataModule, task_name: str, breakdown: list[dict], zoo: dict, scoring: dict,
-           cvae: dict, cvae_precision: str, batch: int) -> str:
+           cvae: dict, cvae_precision: str, batch: int, check: dict, precision: str) -> str:
     cfg = dm.training
     lines = [f"# Benchmark: {tag}", "", f"torch {torch.__version__}; config: the embedded default's "
              f"LoRA (r={dm.lora.r} on {', '.join(dm.lora.target_modules)} of layers {dm.lora.layers_to_transform}, "
@@ -186,7 +239,7 @@ def report(tag: str, dm: ZooDataModule, task_name: str, breakdown: list[dict], z
               f"## CVAE ({cvae['params'] / 1e6:.1f} M parameters, flat LoRA length {cvae['dim']:,}, {cvae_precision})", "",
               f"| training (samples/s, batch {batch}) | decode one LoRA (ms) |", "|---|---|",
               f"| {cvae['train_samples_s']:.1f} | {cvae['decode_ms']:.1f} |", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + precision_lines(check, precision))
 
 
 def main() -> None:
@@ -225,7 +278,10 @@ def main() -> None:
     batch = dm.tasks_per_batch * dm.checkpoints_per_task
     cvae = cvae_speed(system.cvae, str(device), batch, cvae_precision.startswith("bf16"), warmup=3, repeats=10)
 
-    text = report(tag, dm, task.name, breakdown, zoo, scoring, cvae, cvae_precision, batch)
+    print(f"{tag}: precision check", flush=True)
+    check = precision_check(peft_model, dm.training)
+
+    text = report(tag, dm, task.name, breakdown, zoo, scoring, cvae, cvae_precision, batch, check, precision)
     kind = hardware.cpu_capability() if device.type == "cpu" else torch.cuda.get_device_name(device)
     name = re.sub(r"[^a-z0-9]+", "-", f"{device.type}-{kind}-{precision}".lower()).strip("-")
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"{name}.md"
