@@ -32,8 +32,10 @@ import csv
 import io
 import itertools
 import math
+import signal
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -572,12 +574,22 @@ def gap_figure(rows: list[dict]) -> bytes:
 def run_with_cli(runner, command: str, errors: tuple[type[Exception], ...], args: list[str] | None) -> list[dict]:
     """Parse the config with ``OpenWorldCLI`` and ``runner(cli).run()``; an unreachable hub, a zoo that
     does not match the config, or one of ``errors`` ends with one line naming ``command``, not a traceback."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    # `kill` or a job scheduler's stop unwinds like Ctrl-C, so the interrupted run's phase times are kept
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main_thread else None
     try:
         cli = OpenWorldCLI(ICMLoRA, ZooDataModule, trainer_class=Trainer, run=False, args=args,
                            save_config_kwargs={"overwrite": True})
         return runner(cli).run()
     except (Unreachable, ZooMismatch, *errors) as err:
         raise SystemExit(f"{command}: {err}") from None
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def main(args: list[str] | None = None) -> list[dict]:

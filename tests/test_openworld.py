@@ -1,6 +1,9 @@
 """make openworld on the tiny model: the protocol runs, resumes, keeps held-out tasks out, and refuses bad folds."""
 
+import os
 import shutil
+import signal
+import time
 from dataclasses import asdict
 
 import pytest
@@ -159,3 +162,19 @@ def test_a_task_without_examples_or_description_is_an_error(zoo, task_specs, cac
     demos.setup("fit")
     with pytest.raises(ValueError, match="needs 'examples'"):
         demos.condition_for([], None, "no examples")
+
+
+def test_a_killed_run_keeps_its_phase_times(tmp_path, task_specs, cache_dir, zoo, monkeypatch):
+    def killed(self, fold):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the signal arrives before this ends
+        pytest.fail("SIGTERM did not stop the run")
+
+    monkeypatch.setattr(Benchmark, "run_fold", killed)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        openworld.main(["--config", write_config(tmp_path, task_specs, cache_dir, zoo)])
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == before  # the caller's handler is back
+    spent = files.read_json(tmp_path / "results" / "ow_runs" / "phases.json")
+    assert {"zoo + conditions (all tasks)", "zoo on test (all tasks)"} <= set(spent)
