@@ -273,7 +273,7 @@ class Benchmark:
         """Per zoo task, on its test text: the base model, its own LoRA and the soup of all the zoo's LoRAs
         (does each LoRA learn something of its own, beyond what every task shares?)."""
         live, scorer = self.scorer()
-        zoo = Zoo(self.whole.zoo_dir)
+        zoo = self.whole.zoo  # read by setup("fit") above
         soup = zoo.soup(self.names)
         rows = []
         for task in self.whole.tasks:
@@ -530,11 +530,12 @@ def common_methods(rows: list[dict]) -> list[str]:
 def budget_table(rows: list[dict]) -> list[str]:
     """Markdown lines: the multi-task LoRA at every budget on the fold that has them all, beside base,
     oracle and ICM-LoRA (empty when every fold has the same budgets)."""
-    budgets = [r for r in rows if any(m.startswith("multi-task") and m not in common_methods(rows) for m in r["methods"])]
+    common = common_methods(rows)
+    budgets = [r for r in rows if any(m.startswith("multi-task") and m not in common for m in r["methods"])]
     if not budgets:
         return []
-    methods = [m for m in budgets[0]["methods"] if m in ("base", "oracle") or m.startswith(("multi-task", "ICM-LoRA"))
-               and "z=0" not in m]
+    methods = [m for m in budgets[0]["methods"] if m in ("base", "oracle")
+               or (m.startswith(("multi-task", "ICM-LoRA")) and "z=0" not in m)]
     lines = ["", f"## The multi-task LoRA at every budget (fold {budgets[0]['fold']}, {budgets[0]['role']} text): "
              "perplexity (gap closed)", "", "| task | " + " | ".join(methods) + " |", "|" + "---|" * (1 + len(methods))]
     for r in budgets:
