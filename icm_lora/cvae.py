@@ -5,6 +5,11 @@ sequence. Encoder: stride-2 Conv1d blocks (BatchNorm, LeakyReLU), flatten, a lin
 condition joins before the mean / log-variance heads. Decoder: a linear layer from [z, c] to the
 last feature map and mirrored ConvTranspose1d blocks (BatchNorm, ELU), then a Conv1d to one
 channel. Defaults are the paper's (12 blocks, channels 8 ... 256 ... 8, kernel 7, latent 256).
+
+The conv decoder builds each stretch of ``2 ** len(channels)`` entries from a few numbers of the
+last feature map through kernels shared by every stretch, so what it can write differs little from
+stretch to stretch. ``dense_rank`` > 0 adds a low-rank dense head beside it: [z, c] -> rank ->
+(D,), a basis of its own for every entry (``rank * D`` weights).
 """
 
 from __future__ import annotations
@@ -30,11 +35,14 @@ class CVAE(nn.Module):
         latent_dim: size of z.
         channels: channels of the encoder's conv blocks (the decoder mirrors them).
         kernel_size: conv kernel size (odd).
+        dense_rank: rank of the dense head added to the conv decoder's output (0: none, the paper's).
     """
 
     def __init__(self, input_dim: int, cond_dim: int, latent_dim: int = 256,
-                 channels: tuple[int, ...] = PAPER_CHANNELS, kernel_size: int = 7) -> None:
+                 channels: tuple[int, ...] = PAPER_CHANNELS, kernel_size: int = 7, dense_rank: int = 0) -> None:
         super().__init__()
+        if dense_rank < 0:
+            raise ValueError(f"dense_rank must be >= 0, got {dense_rank}")
         self.input_dim, self.cond_dim, self.latent_dim = input_dim, cond_dim, latent_dim
         factor = 2 ** len(channels)
         self.padded_dim = -(-input_dim // factor) * factor
@@ -56,6 +64,10 @@ class CVAE(nn.Module):
             dec += [nn.ConvTranspose1d(c_in, c_out, kernel_size, 2, pad, output_padding=1),
                     nn.BatchNorm1d(c_out), nn.ELU()]
         self.decoder = nn.Sequential(*dec, nn.Conv1d(rev[-1], 1, kernel_size, 1, pad))
+        self.dense = None
+        if dense_rank:
+            self.dense = nn.Sequential(nn.Linear(latent_dim + cond_dim, dense_rank), nn.SiLU(),
+                                       nn.Linear(dense_rank, input_dim))
 
     def encode(self, w: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         """(B, D), (B, C) -> mu, logvar, each (B, latent)."""
@@ -69,8 +81,10 @@ class CVAE(nn.Module):
 
     def decode(self, z: Tensor, c: Tensor) -> Tensor:
         """(B, latent), (B, C) -> (B, D)."""
-        h = self.from_latent(torch.cat([z, c], dim=-1)).view(-1, *self.feature_shape)  # (B, C_last, D'/2^k)
-        return self.decoder(h)[:, 0, : self.input_dim]
+        zc = torch.cat([z, c], dim=-1)  # (B, latent + C)
+        h = self.from_latent(zc).view(-1, *self.feature_shape)  # (B, C_last, D'/2^k)
+        out = self.decoder(h)[:, 0, : self.input_dim]  # (B, D)
+        return out if self.dense is None else out + self.dense(zc)
 
     def forward(self, w: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         mu, logvar = self.encode(w, c)

@@ -35,6 +35,8 @@ class ICMLoRA(L.LightningModule):
         latent_dim: size of the latent z.
         channels: encoder conv channels (the decoder mirrors them); the paper uses 12 blocks.
         kernel_size: conv kernel size.
+        dense_rank: rank of a dense head beside the conv decoder, so every LoRA entry gets a basis of
+            its own (0: none, the paper's decoder).
         kl_weight: final beta on the KL term (paper: 0.005).
         kl_schedule: ``constant``, ``linear`` warm-up, or ``cyclical`` annealing.
         kl_warmup_steps: steps of linear warm-up.
@@ -46,7 +48,8 @@ class ICMLoRA(L.LightningModule):
     """
 
     def __init__(self, lora_dim: int = 0, cond_dim: int = 0, latent_dim: int = 256,
-                 channels: tuple[int, ...] = PAPER_CHANNELS, kernel_size: int = 7, kl_weight: float = 0.005,
+                 channels: tuple[int, ...] = PAPER_CHANNELS, kernel_size: int = 7, dense_rank: int = 0,
+                 kl_weight: float = 0.005,
                  kl_schedule: str = "linear", kl_warmup_steps: int = 500, kl_cycle_steps: int = 1000,
                  lr: float = 2.0e-4, min_lr_ratio: float = 0.01, weight_decay: float = 0.0,
                  num_samples: int = 1) -> None:
@@ -56,7 +59,7 @@ class ICMLoRA(L.LightningModule):
         if kl_schedule not in KL_SCHEDULES:
             raise ValueError(f"kl_schedule must be one of {KL_SCHEDULES}, got {kl_schedule!r}")
         self.save_hyperparameters()
-        self.cvae = CVAE(lora_dim, cond_dim, latent_dim, tuple(channels), kernel_size)
+        self.cvae = CVAE(lora_dim, cond_dim, latent_dim, tuple(channels), kernel_size, dense_rank)
 
     @property
     def beta(self) -> float:

@@ -66,3 +66,26 @@ def test_kl_schedules():
     assert kl_beta(18, 1.0, "cyclical", 0, 10) == 1.0 and kl_beta(20, 1.0, "cyclical", 0, 10) == 0
     with pytest.raises(ValueError):
         kl_beta(0, 1.0, "sigmoid", 1, 1)
+
+
+def _fit(model: CVAE, targets: torch.Tensor, conds: torch.Tensor, steps: int) -> float:
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        recon, kl = model.loss(targets, conds)
+        (recon + 1e-3 * kl).backward()
+        opt.step()
+        opt.zero_grad()
+    out = model.eval().generate(conds, 1, mean=True)[:, 0]
+    return torch.nn.functional.mse_loss(out, targets).item()
+
+
+def test_the_dense_head_writes_what_shared_conv_kernels_cannot():
+    torch.manual_seed(0)
+    targets, conds = torch.randn(4, 2048), torch.eye(4)  # every stretch of every task different
+    arch = dict(cond_dim=4, latent_dim=4, channels=(4, 4, 4, 4), kernel_size=3)
+    conv_only = _fit(CVAE(2048, **arch), targets, conds, 300)
+    torch.manual_seed(0)
+    with_head = _fit(CVAE(2048, **arch, dense_rank=8), targets, conds, 300)
+    assert conv_only > 0.9 * targets.var() and with_head < 0.25 * conv_only
+    with pytest.raises(ValueError, match="dense_rank"):
+        CVAE(64, cond_dim=2, dense_rank=-1)
