@@ -1,7 +1,8 @@
 """Conditions for the generator: task vectors and description embeddings.
 
 A task vector is the base model's hidden state at the last token of a prompt made of the task's
-in-context demonstrations, averaged over several prompts (ICM-LoRA). A description embedding is the
+in-context demonstrations (ICM-LoRA; or the mean over the prompt's tokens), averaged over several
+prompts. A description embedding is the
 mean-pooled all-MiniLM-L6-v2 embedding of the task's description (for SG-LoRA-style guidance).
 """
 
@@ -21,6 +22,7 @@ from icm_lora.evaluate import autocast
 
 PACKAGED_MINILM = "packaged:all-minilm-l6-v2"
 KINDS = ("task_vector", "description")
+POOLINGS = ("last", "mean")
 
 
 @dataclass
@@ -32,6 +34,8 @@ class ConditionSpec:
             (sentence embedding of the task's description).
         layer: hidden-state index for task vectors (``-1``: the last decoder layer's output, as in
             the paper's hook).
+        pooling: how a prompt's hidden states become one vector: ``last`` (the last token's, as in
+            the paper) or ``mean`` (the mean over the prompt's tokens).
         model: run the prompts through the ``base`` model (works for unseen tasks) or through the
             base model with the task's own ``finetuned`` LoRA, as the authors' code does (seen
             tasks only; for reproducing the paper).
@@ -47,6 +51,7 @@ class ConditionSpec:
 
     kind: str = "task_vector"
     layer: int = -1
+    pooling: str = "last"
     model: str = "base"
     num_prompts: int = 8
     demos_per_prompt: int = 3
@@ -60,16 +65,20 @@ class ConditionSpec:
             raise ValueError(f"condition kind must be one of {KINDS}, got {self.kind!r}")
         if self.model not in ("base", "finetuned"):
             raise ValueError(f"condition model must be 'base' or 'finetuned', got {self.model!r}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"condition pooling must be one of {POOLINGS}, got {self.pooling!r}")
 
     def hashed(self) -> dict:
-        """The settings that change stored condition values (``kind`` only picks which one is read)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("kind", "precision")}
+        """The settings that change stored condition values (``kind`` only picks which one is read;
+        the paper's ``last`` pooling is left out, so zoos built before pooling was a setting stay current)."""
+        skip = ("kind", "precision") + (("pooling",) if self.pooling == "last" else ())
+        return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
 @torch.no_grad()
 def task_vectors(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, demos: list[str],
                  spec: ConditionSpec, name: str = "task") -> Tensor:
-    """(P, H) one last-token hidden state per prompt of ``spec.demos_per_prompt`` demonstrations."""
+    """(P, H) one pooled hidden state per prompt of ``spec.demos_per_prompt`` demonstrations."""
     if not demos:
         raise ValueError(f"task {name!r} has no in-context demonstrations to build a task vector from")
     rng = random.Random(f"{spec.seed}:{name}")
@@ -82,7 +91,8 @@ def task_vectors(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dem
         ids = ids[:, -spec.max_prompt_tokens :].to(device)  # (1, L)
         with autocast(precision, device):
             hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[spec.layer]  # (1, L, H)
-        out.append(hidden[0, -1].float().cpu())
+        pooled = hidden[0, -1] if spec.pooling == "last" else hidden[0].float().mean(0)  # (H,)
+        out.append(pooled.float().cpu())
     return torch.stack(out)  # (P, H)
 
 

@@ -36,13 +36,17 @@ class ZooDataset(Dataset):
 
     ``names[t]`` is the zoo task whose checkpoints pair with ``conditions[t]``; the zoo's own task
     order is never used, so conditions and weights cannot drift apart.
+
+    With ``prompts`` (per task, (P, C) conditions of its single prompts) and ``draws`` > 0, each item's
+    condition is instead the mean of ``draws`` of its task's prompts drawn at random.
     """
 
     def __init__(self, zoo: Zoo, names: list[str], items: list[tuple[int, int]], normalizer: Normalizer,
-                 conditions: Tensor) -> None:
+                 conditions: Tensor, prompts: list[Tensor] | None = None, draws: int = 0) -> None:
         if len(names) != len(conditions):
             raise ValueError(f"{len(names)} task names but {len(conditions)} conditions")
         self.zoo, self.names, self.items, self.normalizer, self.conditions = zoo, names, items, normalizer, conditions
+        self.prompts, self.draws = (prompts, draws) if prompts is not None and draws > 0 else (None, 0)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -50,8 +54,14 @@ class ZooDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         task, row = self.items[i]
         weights = self.zoo.checkpoint(self.names[task], row)
-        return {"weights": self.normalizer.normalize(weights), "condition": self.conditions[task],
+        return {"weights": self.normalizer.normalize(weights), "condition": self._condition(task),
                 "task": torch.tensor(task)}
+
+    def _condition(self, task: int) -> Tensor:
+        if self.prompts is None:
+            return self.conditions[task]
+        prompts = self.prompts[task]  # (P, C)
+        return prompts[torch.randperm(len(prompts))[: self.draws]].mean(0)
 
 
 class MetaBatchSampler(Sampler[list[int]]):
@@ -126,6 +136,9 @@ class ZooDataModule(L.LightningDataModule):
         tasks_per_batch: tasks in each meta-batch.
         checkpoints_per_task: checkpoints of each task in each meta-batch.
         val_every: every ``val_every``-th kept checkpoint of each task is held out for validation.
+        condition_draws: task vectors only: in training, pair each checkpoint with the mean of this
+            many of its task's prompts drawn at random, so the generator sees how a task's condition
+            varies with the demonstrations it is given (0: the mean of all prompts, as at generation).
         predict_tasks: for ``predict``: zoo task names and/or task files (JSON/YAML with ``name``,
             ``description`` and/or ``examples``).
         num_workers: DataLoader workers.
@@ -140,7 +153,7 @@ class ZooDataModule(L.LightningDataModule):
                  lora: LoRASpec | None = None, training: ZooTraining | None = None,
                  condition: ConditionSpec | None = None, normalization: str = "element",
                  tasks_per_batch: int = 4, checkpoints_per_task: int = 2, val_every: int = 10,
-                 predict_tasks: list[str] | None = None, num_workers: int = 0,
+                 condition_draws: int = 0, predict_tasks: list[str] | None = None, num_workers: int = 0,
                  cache_dir: str | None = None, build_device: str = "auto", seed: int = 0) -> None:
         super().__init__()
         if normalization not in NORMALIZATIONS:
@@ -155,6 +168,9 @@ class ZooDataModule(L.LightningDataModule):
         self.text, self.lora = text or TextBudget(), lora or LoRASpec()
         self.training, self.condition = training or ZooTraining(), condition or ConditionSpec()
         self.normalization, self.val_every, self.seed = normalization, val_every, seed
+        if condition_draws < 0:
+            raise ValueError(f"condition_draws must be >= 0, got {condition_draws}")
+        self.condition_draws = condition_draws
         self.build_device = build_device
         self.tasks_per_batch, self.checkpoints_per_task = tasks_per_batch, checkpoints_per_task
         self.predict_tasks, self.num_workers = list(predict_tasks or []), num_workers
@@ -298,6 +314,11 @@ class ZooDataModule(L.LightningDataModule):
         raw = self.raw_conditions(self.task_names)  # (T, C)
         self.scaler = ConditionScaler.fit(raw)
         self.conditions = self.scaler(raw)
+        self.prompt_conditions = None  # (P, C) per task: single prompts' scaled conditions, for condition_draws
+        if self.condition_draws and self.condition.kind == "task_vector":
+            stored = files.load_tensors(self.zoo_dir / CONDITIONS)
+            self.prompt_conditions = [self.scaler(stored[f"task_vector/{slug(n)}"].reshape(-1, raw.shape[1]))
+                                      for n in self.task_names]
         self.train_items, self.val_items = [], []
         for t, name in enumerate(self.task_names):
             for row in range(self.zoo.num_checkpoints(name)):
@@ -355,14 +376,17 @@ class ZooDataModule(L.LightningDataModule):
         return names, torch.stack(conds)
 
     # ---- loaders --------------------------------------------------------------------------
-    def _dataset(self, items: list[tuple[int, int]]) -> ZooDataset:
-        return ZooDataset(self.zoo, self.task_names, items, self.normalizer, self.conditions)
+    def _dataset(self, items: list[tuple[int, int]], train: bool = False) -> ZooDataset:
+        prompts = self.prompt_conditions if train else None
+        return ZooDataset(self.zoo, self.task_names, items, self.normalizer, self.conditions, prompts,
+                          self.condition_draws)
 
     def train_dataloader(self) -> DataLoader:
         ranks = Ranks.current()
         sampler = MetaBatchSampler([t for t, _ in self.train_items], self.tasks_per_batch,
                                    self.checkpoints_per_task, self.seed, ranks.rank, ranks.world)
-        return DataLoader(self._dataset(self.train_items), batch_sampler=sampler, num_workers=self.num_workers)
+        return DataLoader(self._dataset(self.train_items, train=True), batch_sampler=sampler,
+                          num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         if not self.val_items:

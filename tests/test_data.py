@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from conftest import BUDGET, CONDITION, LORA, TRAINING
-from icm_lora import base
-from icm_lora.data import MetaBatchSampler, ZooDataModule
+from icm_lora import base, files
+from icm_lora.data import CONDITIONS, MetaBatchSampler, ZooDataModule
 
 
 @pytest.fixture
@@ -150,3 +150,24 @@ def test_a_partial_rebuild_keeps_the_other_tasks_conditions(datamodule, task_spe
     assert full._stale_conditions() == [task_specs[1].name]  # the zoo now holds the changed task's condition
     for name in (task_specs[0].name, task_specs[2].name):
         assert torch.equal(full.raw_conditions([name]), before[name])
+
+
+def test_condition_draws_pair_training_checkpoints_with_single_prompts(datamodule, task_specs, cache_dir):
+    dm = ZooDataModule(str(datamodule.zoo_dir), base.TINY_LLAMA, task_specs, BUDGET, LORA, TRAINING, CONDITION,
+                       val_every=5, condition_draws=1, cache_dir=str(cache_dir))
+    dm.setup("fit")
+    stored = files.load_tensors(dm.zoo_dir / CONDITIONS)
+    train = dm.train_dataloader().dataset
+    drawn = {}
+    for _ in range(20):
+        for i, (t, _row) in enumerate(train.items[:3]):
+            prompts = dm.scaler(stored[f"task_vector/{dm.task_names[t]}"])  # (P, C), P = CONDITION.num_prompts
+            c = train[i]["condition"]
+            assert any(torch.allclose(c, p) for p in prompts)  # one prompt's condition, scaled like the mean
+            drawn.setdefault(i, set()).add(tuple(c.tolist()))
+    assert all(len(v) == CONDITION.num_prompts for v in drawn.values())  # every prompt drawn over time
+    val = dm.val_dataloader().dataset
+    assert all(torch.equal(val[i]["condition"], dm.conditions[t]) for i, (t, _) in enumerate(val.items))
+    with pytest.raises(ValueError, match="condition_draws"):
+        ZooDataModule(str(dm.zoo_dir), base.TINY_LLAMA, task_specs, BUDGET, LORA, TRAINING, CONDITION,
+                      condition_draws=-1, cache_dir=str(cache_dir))
