@@ -20,7 +20,8 @@ is then scored on its own text with:
 
 Validation folds (``role: validation``) are scored on their held-out tasks' validation text and
 choose the top-K baseline's K and temperature; test folds are scored on test text and reported.
-Folds resume: a fold's finished generator is reused, an interrupted one resumes from its last epoch.
+Folds resume: a fold's finished generator is reused, an interrupted one resumes from its last epoch;
+one trained with other settings than the config's is trained again.
 Writes ``<output>.md``, ``<output>.csv``, ``<output>.png`` and one TensorBoard run per fold and kind
 under ``<output>_runs/`` (conditions in the embedding projector, labelled by family; the figure).
 """
@@ -32,6 +33,7 @@ import csv
 import io
 import itertools
 import math
+import shutil
 import signal
 import statistics
 import sys
@@ -51,9 +53,10 @@ from icm_lora.base import Unreachable
 from icm_lora.cli import ICMLoRACLI, Trainer
 from icm_lora.data import ZooDataModule
 from icm_lora.evaluate import LiveAdapter, Score, TextScorer
+from icm_lora.generator_sweep import GeneratorSweep
 from icm_lora.lora_sweep import LoRASweep
 from icm_lora.system import ICMLoRA
-from icm_lora.tasks import Task, slug
+from icm_lora.tasks import Task, fingerprint, slug
 from icm_lora.zoo import Zoo, ZooMismatch
 from icm_lora.zoo_build import build
 
@@ -111,13 +114,15 @@ class OpenWorld:
 
 
 class OpenWorldCLI(ICMLoRACLI):
-    """The project's CLI with an ``openworld`` section (and the ``lora_sweep`` that chose the zoo's
-    settings, run by ``python -m icm_lora.lora_sweep``); it parses and builds, the benchmark runs."""
+    """The project's CLI with an ``openworld`` section (and the sweeps that chose the zoo's and the
+    generator's settings: ``python -m icm_lora.lora_sweep`` and ``python -m icm_lora.generator_sweep``);
+    it parses and builds, the benchmark runs."""
 
     def add_arguments_to_parser(self, parser) -> None:
         super().add_arguments_to_parser(parser)
         parser.add_class_arguments(OpenWorld, "openworld")
         parser.add_class_arguments(LoRASweep, "lora_sweep")
+        parser.add_class_arguments(GeneratorSweep, "generator_sweep")
 
 
 def check(spec: OpenWorld, names: list[str]) -> None:
@@ -230,13 +235,16 @@ class Benchmark:
         cfg.trainer.logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                               "init_args": {"save_dir": str(self.runs), "name": fold.name, "version": kind}}
         self.cli.config = cfg
+        key = generator_key(cfg)
         L.seed_everything(int(self.config.seed_everything or 0))  # the same generator whatever ran before it
         self.cli.instantiate_classes()
         dm, model, trainer = self.cli.datamodule, self.cli.model, self.cli.trainer
+        forget_other_settings(folder, key)
         if done.exists():
             best = files.read_json(done)["best"]
             dm.setup("validate")
             return ICMLoRA.load_from_checkpoint(best, map_location="cpu").eval(), dm
+        files.write_json(folder / "generator.json", {"key": key})  # what the checkpoints below are trained with
         resume = folder / "checkpoints" / "resume.ckpt"  # an interrupted fit goes on from its last epoch
         trainer.fit(model, datamodule=dm, ckpt_path=str(resume) if resume.exists() else None)
         if trainer.interrupted:
@@ -247,7 +255,7 @@ class Benchmark:
             raise OpenWorldError(f"fold {fold.name!r} ({kind}): no checkpoint was saved; check trainer.max_epochs "
                                  "and trainer.check_val_every_n_epoch")
         self.projector(trainer, dm, fold)
-        files.write_json(done, {"best": best, "seen": seen, "held_out": fold.held_out})
+        files.write_json(done, {"best": best, "seen": seen, "held_out": fold.held_out, "key": key})
         return ICMLoRA.load_from_checkpoint(best, map_location="cpu").eval(), dm
 
     def multitask(self, fold: Fold, seen: list[str]) -> dict[int, Tensor]:
@@ -408,6 +416,29 @@ class Benchmark:
                 f"that worked on it (an interrupted run resumed) and in this run (a reused phase takes seconds).\n\n"
                 f"| phase | seconds, all runs | seconds, this run |\n|---|---|---|\n{phases}\n"
                 f"| total | {sum(total[k] for k in self.seconds):.0f} | {seconds:.0f} |\n")
+
+
+def generator_key(cfg) -> str:
+    """Hash of everything a fold's generator is trained from: its seen tasks and their zoo and
+    conditions, the CVAE, the trainer and the checkpoint selection (not where it logs)."""
+    plain = cfg.as_dict()
+    trainer = {k: v for k, v in plain["trainer"].items() if k not in ("logger", "default_root_dir")}
+    return fingerprint({"seed": plain.get("seed_everything"), "trainer": trainer}
+                       | {k: plain.get(k) for k in ("model", "data", "eval", "checkpoint")})
+
+
+def forget_other_settings(folder: Path, key: str) -> None:
+    """A fold generator's folder trained with other settings (or before they were recorded) is not
+    reused or resumed: its checkpoints and ``done.json`` go, and it is trained again."""
+    record = folder / "generator.json"
+    current = files.read_json(record).get("key") if record.exists() else None
+    stale = [p for p in (folder / "done.json", folder / "checkpoints") if p.exists()] + sorted(
+        folder.glob("events.out.tfevents.*"))  # and the old curves, so TensorBoard shows one run
+    if current == key or not stale:
+        return
+    print(f"{folder}: trained with other settings than the config's; training it again")
+    for p in stale:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def _centred(conditions: Tensor) -> Tensor:
