@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import statistics
 import time
@@ -18,7 +19,19 @@ from icm_lora import base, files
 from icm_lora.adapter import save_adapter
 from icm_lora.evaluate import LiveAdapter, TextScorer
 from icm_lora.ranks import Ranks
-from icm_lora.tasks import slug
+from icm_lora.tasks import fingerprint, slug
+
+# One scoring copy of the base model per base model, LoRA structure, device and scoring settings, and
+# the scores of fixed adapters on fixed texts, shared by every DownstreamEval of the process.
+_SCORERS: dict[tuple, tuple[LiveAdapter, TextScorer]] = {}
+_FIXED: dict[tuple, object] = {}
+
+
+def _digest(data: bytes | Tensor) -> str:
+    """Content hash of a text's bytes or a flat LoRA's values."""
+    if isinstance(data, Tensor):
+        data = data.detach().float().cpu().contiguous().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()
 
 
 class DownstreamEval(Callback):
@@ -50,25 +63,31 @@ class DownstreamEval(Callback):
         self.block_size, self.batch_size = block_size, batch_size
         self.precision, self.swap_shift, self.seed = precision, swap_shift, seed
         self.live: LiveAdapter | None = None
-        self._cache: dict[tuple[str, str], object] = {}
         self.seconds: dict[str, float] = {}  # wall time spent in downstream evaluation
 
     def _setup(self, dm, device: torch.device) -> None:
         if self.live is None:
-            model, tokenizer = base.load(dm.base_model, dm.cache_dir)
-            self.live = LiveAdapter(model.to(device), dm.lora.peft_config(), dm.layout)
-            self.scorer = TextScorer(self.live.model, tokenizer, self.block_size, self.batch_size, self.precision)
+            self._key = (dm.base_model, str(dm.cache_dir), fingerprint(dm.lora), str(device), self.block_size,
+                         self.batch_size, self.precision)
+            if self._key not in _SCORERS:
+                model, tokenizer = base.load(dm.base_model, dm.cache_dir)
+                live = LiveAdapter(model.to(device), dm.lora.peft_config(), dm.layout)
+                _SCORERS[self._key] = live, TextScorer(live.model, tokenizer, self.block_size, self.batch_size,
+                                                       self.precision)
+            self.live, self.scorer = _SCORERS[self._key]
 
     def _score(self, flat: Tensor | None, text: str):
         with self.live.use(flat):
             return self.scorer.score(text)
 
     def _fixed(self, kind: str, split: str, name: str, flat_fn, text: str):
-        """Scores of fixed adapters (base, own LoRA, soup) are computed once per task and split."""
-        key = (kind, split, name)
-        if key not in self._cache:
-            self._cache[key] = self._score(flat_fn(), text)
-        return self._cache[key]
+        """Scores of fixed adapters (base, own LoRA, soup) are computed once per adapter and text, and
+        shared by every generator trained in this process (the folds of a benchmark, a sweep)."""
+        flat = flat_fn()
+        key = (self._key, kind, name, _digest(text.encode()), None if flat is None else _digest(flat))
+        if key not in _FIXED:
+            _FIXED[key] = self._score(flat, text)
+        return _FIXED[key]
 
     def _decode(self, pl_module, dm, conditions: Tensor, num_samples: int, mean: bool) -> Tensor:
         """(T, C) -> (T, S, D) un-normalised LoRA vectors."""
