@@ -246,6 +246,7 @@ class Benchmark:
             return ICMLoRA.load_from_checkpoint(best, map_location="cpu").eval(), dm
         files.write_json(folder / "generator.json", {"key": key})  # what the checkpoints below are trained with
         resume = folder / "checkpoints" / "resume.ckpt"  # an interrupted fit goes on from its last epoch
+        start = time.time()
         trainer.fit(model, datamodule=dm, ckpt_path=str(resume) if resume.exists() else None)
         if trainer.interrupted:
             raise KeyboardInterrupt
@@ -255,7 +256,8 @@ class Benchmark:
             raise OpenWorldError(f"fold {fold.name!r} ({kind}): no checkpoint was saved; check trainer.max_epochs "
                                  "and trainer.check_val_every_n_epoch")
         self.projector(trainer, dm, fold)
-        files.write_json(done, {"best": best, "seen": seen, "held_out": fold.held_out, "key": key})
+        files.write_json(done, {"best": best, "seen": seen, "held_out": fold.held_out, "key": key,
+                                "fit_seconds": time.time() - start})  # this run's part, if it resumed
         return ICMLoRA.load_from_checkpoint(best, map_location="cpu").eval(), dm
 
     def multitask(self, fold: Fold, seen: list[str]) -> dict[int, Tensor]:
