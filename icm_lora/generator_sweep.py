@@ -178,10 +178,9 @@ class Sweep:
         rows, seconds, names = [], {}, bench.names
         for fold in self.folds:
             seen = [n for n in names if n not in fold.held_out]
-            start = time.time()
             generator = bench.generator(fold, seen[:: setting.seen_every], self.spec.kind)
             done = files.read_json(bench.runs / fold.name / self.spec.kind / "done.json")
-            seconds[fold.name] = done.get("fit_seconds", time.time() - start)  # a reused fit keeps its time
+            seconds[fold.name] = done.get("fit_seconds")  # None: trained before fits were timed
             rows += [bench.score(fold, seen, name, {self.spec.kind: generator}, {}) for name in fold.held_out]
         shared["live"], shared["scorer"] = bench.scorer()
         chosen = choose_top_k(rows, bench.spec)
@@ -216,7 +215,7 @@ def summary(result: dict, kind: str) -> dict:
     return {"gap": statistics.fmean(generated.values()), "gap_std": statistics.fmean(stds),
             "z0": statistics.fmean(z0.values()), "wrong": statistics.fmean(wrong.values()),
             "right_beats_wrong": sum(generated[t] > wrong[t] for t in wrong), "num_tasks": len(generated),
-            "fit_seconds": sum(result["seconds"].values())}
+            "fit_seconds": None if None in result["seconds"].values() else sum(result["seconds"].values())}
 
 
 def chosen(results: list[dict], kind: str) -> str:
@@ -227,13 +226,17 @@ def chosen(results: list[dict], kind: str) -> str:
 def summary_line(result: dict, kind: str) -> str:
     s = summary(result, kind)
     return (f"{result['setting']}: closes {s['gap']:.2f} of the gap on the validation folds' held-out tasks "
-            f"(z=0 {s['z0']:.2f}, wrong condition {s['wrong']:.2f}), fit {s['fit_seconds']:.0f} s")
+            f"(z=0 {s['z0']:.2f}, wrong condition {s['wrong']:.2f}), fit {_seconds(s['fit_seconds'])} s")
+
+
+def _seconds(value: float | None) -> str:
+    return "not timed" if value is None else f"{value:.0f}"
 
 
 def _changes(result: dict) -> str:
     parts = [f"{k}={json.dumps(v)}" for k, v in result["changes"].items()]
     if result["seen_every"] > 1:
-        parts.append(f"every {result['seen_every']}th seen task")
+        parts.append(f"1 in {result['seen_every']} seen tasks")
     return ", ".join(parts) or "(the YAML's settings)"
 
 
@@ -256,7 +259,7 @@ def report(results: list[dict], kind: str, header: str) -> tuple[str, str]:
         mark = " (chosen)" if r["setting"] == best else ""
         lines.append(f"| {r['setting']}{mark} | {_changes(r)} | {s['gap']:.3f} | {s['gap_std']:.3f} | "
                      f"{s['z0']:.3f} | {s['wrong']:.3f} | {s['right_beats_wrong']}/{s['num_tasks']} | "
-                     f"{s['fit_seconds']:.0f} |")
+                     f"{_seconds(s['fit_seconds'])} |")
     own = GENERATED.format(kind=kind)
     lines += ["", "## Per held-out task: gap closed", "", "| setting | " + " | ".join(names) + " |",
               "|" + "---|" * (1 + len(names))]

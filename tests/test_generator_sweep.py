@@ -65,7 +65,7 @@ def test_compares_settings_on_validation_folds_and_reuses_them(tmp_path, task_sp
     half = files.read_json(runs / "heavier_KL_half_the_zoo" / "openworld_runs" / "val" / "task_vector" / "done.json")
     assert half["seen"] == ["numbers"] and "animals" not in half["seen"]
     table = (tmp_path / "results" / "sweep.md").read_text()
-    assert table.count("(chosen)") == 1 and "model.kl_weight=0.5, every 2th seen task" in table
+    assert table.count("(chosen)") == 1 and "model.kl_weight=0.5, 1 in 2 seen tasks" in table
     assert "| soup |" in table and "| mean pooling |" in table
     rows = list(csv.DictReader(open(tmp_path / "results" / "sweep.csv")))
     generated = [r["setting"] for r in rows if r["method"] == "ICM-LoRA (task_vector)"]
