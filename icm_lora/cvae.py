@@ -21,6 +21,21 @@ from torch import Tensor, nn
 PAPER_CHANNELS = (8, 16, 32, 64, 128, 256, 256, 128, 64, 32, 16, 8)
 
 
+def conv_encoder(in_channels: int, channels: tuple[int, ...], kernel_size: int) -> list[nn.Module]:
+    """Stride-2 Conv1d blocks (BatchNorm, LeakyReLU): (B, in, L) -> (B, channels[-1], L / 2^len(channels))."""
+    blocks, c_in = [], in_channels
+    for c_out in channels:
+        blocks += [nn.Conv1d(c_in, c_out, kernel_size, 2, kernel_size // 2), nn.BatchNorm1d(c_out), nn.LeakyReLU(0.2)]
+        c_in = c_out
+    return blocks
+
+
+def padded_length(length: int, channels: tuple[int, ...]) -> int:
+    """``length`` rounded up to a multiple of ``2 ** len(channels)`` (what the conv blocks halve)."""
+    factor = 2 ** len(channels)
+    return -(-length // factor) * factor
+
+
 def kl_standard_normal(mu: Tensor, logvar: Tensor) -> Tensor:
     """KL(N(mu, exp(logvar)) || N(0, I)) summed over latent dims, averaged over the batch."""
     return (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1)).mean()
@@ -45,16 +60,12 @@ class CVAE(nn.Module):
             raise ValueError(f"dense_rank must be >= 0, got {dense_rank}")
         self.input_dim, self.cond_dim, self.latent_dim = input_dim, cond_dim, latent_dim
         factor = 2 ** len(channels)
-        self.padded_dim = -(-input_dim // factor) * factor
+        self.padded_dim = padded_length(input_dim, channels)
         self.feature_shape = (channels[-1], self.padded_dim // factor)
         feature_dim = channels[-1] * self.padded_dim // factor
         pad = kernel_size // 2
 
-        enc, c_in = [], 1
-        for c_out in channels:
-            enc += [nn.Conv1d(c_in, c_out, kernel_size, 2, pad), nn.BatchNorm1d(c_out), nn.LeakyReLU(0.2)]
-            c_in = c_out
-        self.encoder = nn.Sequential(*enc, nn.Flatten(), nn.Linear(feature_dim, latent_dim), nn.LeakyReLU(0.2))
+        self.encoder = nn.Sequential(*conv_encoder(1, channels, kernel_size), nn.Flatten(), nn.Linear(feature_dim, latent_dim), nn.LeakyReLU(0.2))
         self.to_mu = nn.Linear(latent_dim + cond_dim, latent_dim)
         self.to_logvar = nn.Linear(latent_dim + cond_dim, latent_dim)
 
