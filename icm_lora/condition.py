@@ -2,8 +2,8 @@
 
 A task vector is the base model's hidden state at the last token of a prompt made of the task's
 in-context demonstrations (ICM-LoRA; or the mean over the prompt's tokens), averaged over several
-prompts. A description embedding is the
-mean-pooled all-MiniLM-L6-v2 embedding of the task's description (for SG-LoRA-style guidance).
+prompts. A description embedding is the mean-pooled all-MiniLM-L6-v2 embedding of the task's
+description; SG-LoRA's semantic condition is built from it and the zoo (``semantic``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from icm_lora import hardware
 from icm_lora.evaluate import autocast
 
 PACKAGED_MINILM = "packaged:all-minilm-l6-v2"
-KINDS = ("task_vector", "description")
+KINDS = ("task_vector", "description", "semantic")
+# The stored conditions each kind reads: SG-LoRA's semantic prior is built from description embeddings.
+STORED = {"task_vector": "task_vector", "description": "description", "semantic": "description"}
 POOLINGS = ("last", "mean")
 
 
@@ -30,8 +32,9 @@ class ConditionSpec:
     """What the generator is conditioned on.
 
     Args:
-        kind: ``task_vector`` (hidden states on in-context demonstrations) or ``description``
-            (sentence embedding of the task's description).
+        kind: ``task_vector`` (hidden states on in-context demonstrations), ``description``
+            (sentence embedding of the task's description), or ``semantic`` (SG-LoRA: the Gaussian
+            over LoRA parameters mixed from the experts nearest to the description, see ``semantic``).
         layer: hidden-state index for task vectors (``-1``: the last decoder layer's output, as in
             the paper's hook).
         pooling: how a prompt's hidden states become one vector: ``last`` (the last token's, as in

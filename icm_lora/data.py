@@ -19,16 +19,28 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from icm_lora import base, files, hardware
-from icm_lora.condition import ConditionScaler, ConditionSpec, description_embeddings, embedding_dim, task_vectors
+from icm_lora import base, files, hardware, semantic
+from icm_lora.condition import (
+    STORED,
+    ConditionScaler,
+    ConditionSpec,
+    description_embeddings,
+    embedding_dim,
+    task_vectors,
+)
 from icm_lora.evaluate import LiveAdapter
 from icm_lora.flat import NORMALIZATIONS, Normalizer
 from icm_lora.ranks import Ranks
+from icm_lora.semantic import SemanticSpec
 from icm_lora.tasks import Task, TaskSpec, TextBudget, fingerprint, load_task_file, slug, split_task
 from icm_lora.zoo import LoRASpec, Zoo, ZooMismatch, ZooTraining, check_current, lora_layout, mismatches
 from icm_lora.zoo_build import build
 
 CONDITIONS = "conditions.safetensors"
+
+
+class PredictInputError(ValueError):
+    """A task given to ``predict`` that its generator cannot condition on (the CLI prints it in one line)."""
 
 
 class ZooDataset(Dataset):
@@ -139,8 +151,14 @@ class ZooDataModule(L.LightningDataModule):
         condition_draws: task vectors only: in training, pair each checkpoint with the mean of this
             many of its task's prompts drawn at random, so the generator sees how a task's condition
             varies with the demonstrations it is given (0: the mean of all prompts, as at generation).
+        semantic: ``condition.kind: semantic`` only: how SG-LoRA mixes the experts nearest to a
+            description into its prior, and when it rejects a description.
         predict_tasks: for ``predict``: zoo task names and/or task files (JSON/YAML with ``name``,
             ``description`` and/or ``examples``).
+        predict_description: for ``predict``: one more task, given by this sentence alone (the CLI's
+            ``--description``).
+        allow_far: for ``predict``: generate for a description no expert covers (with a warning)
+            instead of refusing (the CLI's ``--allow_far``).
         num_workers: DataLoader workers.
         cache_dir: where converted base models are cached (default ``~/.cache/icm_lora``).
         build_device: device for building the zoo and task vectors (``auto``: the Trainer's device, or
@@ -153,7 +171,9 @@ class ZooDataModule(L.LightningDataModule):
                  lora: LoRASpec | None = None, training: ZooTraining | None = None,
                  condition: ConditionSpec | None = None, normalization: str = "element",
                  tasks_per_batch: int = 4, checkpoints_per_task: int = 2, val_every: int = 10,
-                 condition_draws: int = 0, predict_tasks: list[str] | None = None, num_workers: int = 0,
+                 condition_draws: int = 0, semantic: SemanticSpec | None = None,
+                 predict_tasks: list[str] | None = None, predict_description: str | None = None,
+                 allow_far: bool = False, num_workers: int = 0,
                  cache_dir: str | None = None, build_device: str = "auto", seed: int = 0) -> None:
         super().__init__()
         if normalization not in NORMALIZATIONS:
@@ -174,6 +194,9 @@ class ZooDataModule(L.LightningDataModule):
         self.build_device = build_device
         self.tasks_per_batch, self.checkpoints_per_task = tasks_per_batch, checkpoints_per_task
         self.predict_tasks, self.num_workers = list(predict_tasks or []), num_workers
+        self.semantic = semantic or SemanticSpec()
+        self.predict_description, self.allow_far = predict_description, allow_far
+        self.predict_info: dict[str, dict] = {}  # per predicted name: what its condition was made from
         self.phase_seconds: dict[str, float] = {}  # wall time of what `build` built in this run
         # Shapes the generator needs, known before any zoo exists (linked into the model by the CLI).
         start = time.time()
@@ -181,7 +204,8 @@ class ZooDataModule(L.LightningDataModule):
         self.init_seconds = time.time() - start
         self.layout = lora_layout(config, self.lora)
         self.lora_dim = self.layout.dim
-        self.cond_dim = config.hidden_size if self.condition.kind == "task_vector" else embedding_dim(self.condition.embedder)
+        self.cond_dim = {"task_vector": config.hidden_size, "semantic": 2 * self.lora_dim}.get(
+            self.condition.kind) or embedding_dim(self.condition.embedder)
 
     # ---- building -------------------------------------------------------------------------
     @cached_property
@@ -311,9 +335,11 @@ class ZooDataModule(L.LightningDataModule):
             raise ValueError(f"{self.zoo_dir / 'metadata.json'}: the zoo's LoRA layout does not match data.lora")
         self.task_names = [s.name for s in self.task_specs]
         self.normalizer = self.zoo.normalizer(self.normalization, self.task_names)
-        raw = self.raw_conditions(self.task_names)  # (T, C)
+        raw = self.raw_conditions(self.task_names)  # (T, C); for semantic, (T, E) description embeddings
         self.scaler = ConditionScaler.fit(raw)
-        self.conditions = self.scaler(raw)
+        self.conditions = self.scaler(raw) if self.condition.kind != "semantic" else self._semantic_setup(raw)
+        if self.condition.kind != "task_vector":
+            self._calibrate(self.raw_conditions(self.task_names, "description"))
         self.prompt_conditions = None  # (P, C) per task: single prompts' scaled conditions, for condition_draws
         if self.condition_draws and self.condition.kind == "task_vector":
             stored = files.load_tensors(self.zoo_dir / CONDITIONS)
@@ -327,47 +353,88 @@ class ZooDataModule(L.LightningDataModule):
 
     def raw_conditions(self, names: list[str], kind: str | None = None) -> Tensor:
         """(T, C) unscaled conditions of zoo tasks, as stored: of this DataModule's kind, or ``kind``
-        (``task_vector`` or ``description``)."""
+        (``task_vector`` or ``description``; ``semantic`` reads the description embeddings)."""
         stored = files.load_tensors(self.zoo_dir / CONDITIONS)
         out = []
         for name in names:
-            key = f"{kind or self.condition.kind}/{slug(name)}"
+            key = f"{STORED[kind or self.condition.kind]}/{slug(name)}"
             if key not in stored:
                 raise KeyError(f"{self.zoo_dir / CONDITIONS}: no {key!r}; rebuild conditions with `fit`")
             value = stored[key]
             out.append(value.mean(0) if value.dim() == 2 else value)
         return torch.stack(out)
 
+    # ---- SG-LoRA's semantic prior ------------------------------------------------------------
+    def _semantic_setup(self, keys: Tensor) -> Tensor:
+        """Experts' moments (normalised space), the rejection threshold, and the (T, 2 D) leave-self-out
+        conditions the generator trains on."""
+        if len(self.task_names) < 2:
+            raise ValueError("condition.kind semantic needs at least two zoo tasks (each is mixed from the others)")
+        moments = [semantic.expert_moments(self.normalizer.normalize(self.zoo.checkpoints(n)), self.semantic.checkpoints)
+                   for n in self.task_names]
+        self.expert_means = torch.stack([m for m, _ in moments])  # (T, D)
+        self.expert_vars = torch.stack([v for _, v in moments])  # (T, D)
+        return semantic.leave_self_out_conditions(keys, self.expert_means, self.expert_vars, self.semantic)
+
+    def _calibrate(self, keys: Tensor) -> None:
+        """The experts' (T, E) description embeddings and the similarity a new description must reach."""
+        self.expert_keys = keys
+        if len(keys) < 2:
+            self.threshold = -1.0  # nothing to calibrate on: every description is covered
+            return
+        count = self.semantic.noise_strings
+        noise = description_embeddings(semantic.noise_strings(count), self.condition.embedder) if count else None
+        self.threshold = semantic.threshold(keys, self.semantic.margin, noise)
+
+    def description_condition(self, description: str | None, name: str) -> Tensor:
+        """(C,) condition of a new description (``description`` or ``semantic`` kind); refuses one no expert
+        covers (unless ``allow_far``) and records which experts it is closest to in ``predict_info``."""
+        text = semantic.check_text(description)
+        query = description_embeddings([text], self.condition.embedder)[0]  # (E,)
+        if self.condition.kind == "semantic":
+            cond, experts, best = semantic.prior_condition(query, self.expert_keys, self.expert_means,
+                                                          self.expert_vars, self.semantic)
+        else:  # ICM-LoRA from the description: its nearest experts are reported, not mixed
+            idx, _, sims = semantic.expert_weights(query, self.expert_keys, self.semantic.top_k, 1.0)
+            cond, experts, best = self.scaler(query), dict(zip(idx.tolist(), sims.tolist())), sims[0].item()
+        semantic.check_covered(text, best, self.threshold, self.allow_far)
+        weight = "alpha" if self.condition.kind == "semantic" else "similarity"
+        self.predict_info[name] = {"description": text, "best_similarity": best, "threshold": self.threshold,
+                                   "experts": [{"task": self.task_names[i], weight: v} for i, v in experts.items()]}
+        return cond
+
     def condition_for(self, examples: list[str] | None, description: str | None, name: str, model=None,
                       tokenizer=None) -> Tensor:
         """(C,) scaled condition of a task given by examples and/or a description (zoo task or new)."""
-        if self.condition.kind == "task_vector":
-            if not examples:
-                raise ValueError(f"task {name!r}: this generator is conditioned on task vectors, "
-                                 "so the task needs 'examples' (a few texts of the task)")
-            if self.condition.model == "finetuned":
-                raise ValueError(f"task {name!r}: condition.model 'finetuned' needs the task's own LoRA, "
-                                 "which a task outside the zoo does not have; use condition.model: base")
-            raw = task_vectors(model, tokenizer, examples, self.condition, name).mean(0)
-        else:
-            if not description:
-                raise ValueError(f"task {name!r}: this generator is conditioned on descriptions, "
+        if self.condition.kind != "task_vector":
+            if description is None:
+                raise PredictInputError(f"task {name!r}: this generator is conditioned on descriptions, "
                                  "so the task needs a 'description'")
-            raw = description_embeddings([description], self.condition.embedder)[0]
-        return self.scaler(raw)
+            return self.description_condition(description, name)
+        if not examples:
+            raise PredictInputError(f"task {name!r}: this generator is conditioned on task vectors, "
+                             "so the task needs 'examples' (a few texts of the task)")
+        if self.condition.model == "finetuned":
+            raise PredictInputError(f"task {name!r}: condition.model 'finetuned' needs the task's own LoRA, "
+                             "which a task outside the zoo does not have; use condition.model: base")
+        return self.scaler(task_vectors(model, tokenizer, examples, self.condition, name).mean(0))
 
     def predict_conditions(self) -> tuple[list[str], Tensor]:
         """Names and (N, C) scaled conditions of ``predict_tasks``."""
-        if not self.predict_tasks:
-            raise ValueError("predict needs data.predict_tasks: zoo task names and/or task files")
+        if not self.predict_tasks and self.predict_description is None:
+            raise PredictInputError("predict needs data.predict_tasks (zoo task names and/or task files) or --description")
         names, conds, model, tokenizer = [], [], None, None
+        if self.predict_description is not None:  # the name of its folder: the sentence, shortened
+            text = semantic.check_text(self.predict_description)
+            names.append(slug(text)[:48].strip("_-") or "description")
+            conds.append(self.condition_for(None, text, names[-1]))
         for item in self.predict_tasks:
             if item in self.task_names:
                 names.append(item)
                 conds.append(self.conditions[self.task_names.index(item)])
                 continue
             if not Path(item).exists():
-                raise FileNotFoundError(f"predict task {item!r} is neither a zoo task ({self.task_names}) nor a file")
+                raise PredictInputError(f"predict task {item!r} is neither a zoo task ({self.task_names}) nor a file")
             spec = load_task_file(item)
             if model is None and self.condition.kind == "task_vector":
                 model, tokenizer = base.load(self.base_model, self.cache_dir)

@@ -39,6 +39,7 @@ import statistics
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -354,8 +355,14 @@ class Benchmark:
     def condition(self, dm: ZooDataModule, kind: str, name: str, raw: Tensor | None,
                   description: str | None = None) -> Tensor:
         """(C,) a held-out task's condition, scaled with the fold's (seen tasks') scaler."""
-        if raw is None:
-            return dm.condition_for(None, description, name)
+        if raw is None:  # a control: scored even where `predict` would refuse it as far from every expert
+            far, dm.allow_far = dm.allow_far, True
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    return dm.condition_for(None, description, name)
+            finally:
+                dm.allow_far = far
         return dm.scaler(raw)
 
     @staticmethod

@@ -9,8 +9,10 @@ import torch
 from torch import Tensor
 
 from icm_lora.cvae import CVAE, PAPER_CHANNELS
+from icm_lora.sg_cvae import SemanticCVAE
 
 KL_SCHEDULES = ("constant", "linear", "cyclical")
+GENERATORS = ("icm_lora", "sg_lora")
 
 
 def kl_beta(step: int, weight: float, schedule: str, warmup_steps: int, cycle_steps: int) -> float:
@@ -27,7 +29,8 @@ def kl_beta(step: int, weight: float, schedule: str, warmup_steps: int, cycle_st
 
 
 class ICMLoRA(L.LightningModule):
-    """One conditional generator of LoRA weights for all tasks (ICM-LoRA).
+    """One conditional generator of LoRA weights for all tasks: ICM-LoRA's CVAE, or SG-LoRA's CVAE
+    with a learned conditional prior (``generator: sg_lora``, with ``data.condition.kind: semantic``).
 
     Args:
         lora_dim: flat LoRA length D (linked from the data module).
@@ -36,15 +39,20 @@ class ICMLoRA(L.LightningModule):
         channels: encoder conv channels (the decoder mirrors them); the paper uses 12 blocks.
         kernel_size: conv kernel size.
         dense_rank: rank of a dense head beside the conv decoder, so every LoRA entry gets a basis of
-            its own (0: none, the paper's decoder).
-        kl_weight: final beta on the KL term (paper: 0.005).
+            its own (0: none, the paper's decoder); for ``sg_lora``, the rank of the decoder's last
+            layer (0: 64).
+        kl_weight: final beta on the KL term (ICM-LoRA's paper: 0.005; SG-LoRA's lambda: 1).
         kl_schedule: ``constant``, ``linear`` warm-up, or ``cyclical`` annealing.
         kl_warmup_steps: steps of linear warm-up.
         kl_cycle_steps: steps per cycle for ``cyclical``.
         lr: AdamW learning rate (cosine decay to ``min_lr_ratio * lr`` over training).
         min_lr_ratio: final learning rate as a fraction of ``lr``.
         weight_decay: AdamW weight decay.
-        num_samples: adapters decoded per task by ``predict`` (z ~ N(0, I)); 0 decodes z = 0 once.
+        num_samples: adapters decoded per task by ``predict`` (z ~ N(0, I), or z ~ p(z | c) for
+            ``sg_lora``); 0 decodes the prior's mean once.
+        generator: ``icm_lora`` (the CVAE with a N(0, I) prior, any condition) or ``sg_lora`` (the
+            learned-prior CVAE over SG-LoRA's semantic condition [mu*, var*]).
+        hidden: ``sg_lora`` only: width of its MLPs.
     """
 
     def __init__(self, lora_dim: int = 0, cond_dim: int = 0, latent_dim: int = 256,
@@ -52,14 +60,22 @@ class ICMLoRA(L.LightningModule):
                  kl_weight: float = 0.005,
                  kl_schedule: str = "linear", kl_warmup_steps: int = 500, kl_cycle_steps: int = 1000,
                  lr: float = 2.0e-4, min_lr_ratio: float = 0.01, weight_decay: float = 0.0,
-                 num_samples: int = 1) -> None:
+                 num_samples: int = 1, generator: str = "icm_lora", hidden: int = 512) -> None:
         super().__init__()
         if lora_dim <= 0 or cond_dim <= 0:
             raise ValueError("lora_dim and cond_dim must be positive (the CLI links them from the data module)")
         if kl_schedule not in KL_SCHEDULES:
             raise ValueError(f"kl_schedule must be one of {KL_SCHEDULES}, got {kl_schedule!r}")
+        if generator not in GENERATORS:
+            raise ValueError(f"model.generator must be one of {GENERATORS}, got {generator!r}")
         self.save_hyperparameters()
-        self.cvae = CVAE(lora_dim, cond_dim, latent_dim, tuple(channels), kernel_size, dense_rank)
+        if generator == "icm_lora":
+            self.cvae = CVAE(lora_dim, cond_dim, latent_dim, tuple(channels), kernel_size, dense_rank)
+        elif cond_dim != 2 * lora_dim:
+            raise ValueError(f"model.generator sg_lora reads the semantic condition [mu*, var*] of 2 x {lora_dim} "
+                             f"values, got cond_dim {cond_dim}: set data.condition.kind: semantic")
+        else:
+            self.cvae = SemanticCVAE(lora_dim, latent_dim, tuple(channels), kernel_size, hidden, dense_rank or 64)
 
     @property
     def beta(self) -> float:
