@@ -15,11 +15,14 @@ from icm_lora import files
 from icm_lora.flat import FlatLayout
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+GENERATION = "generation.json"  # how a generated adapter was made (task, generator, experts drawn on)
 
 
 def save_adapter(folder: str | Path, flat: Tensor, layout: FlatLayout, peft_config: LoraConfig,
-                 base_model_path: str, metadata: dict[str, str] | None = None) -> Path:
-    """Write ``flat`` as a PEFT adapter folder that ``PeftModel.from_pretrained`` loads as is."""
+                 base_model_path: str, metadata: dict[str, str] | None = None,
+                 generation: dict | None = None) -> Path:
+    """Write ``flat`` as a PEFT adapter folder that ``PeftModel.from_pretrained`` loads as is;
+    ``metadata`` goes into the safetensors header, ``generation`` into ``generation.json`` beside it."""
     folder = Path(folder)
     state = layout.unflatten(flat.float().cpu())
     config = LoraConfig(**{k: v for k, v in peft_config.to_dict().items() if k in LoraConfig.__dataclass_fields__})
@@ -27,6 +30,8 @@ def save_adapter(folder: str | Path, flat: Tensor, layout: FlatLayout, peft_conf
     with files.atomic_dir(folder) as tmp:
         config.save_pretrained(tmp)
         files.save_tensors(tmp / WEIGHTS, state, metadata={"format": "pt", **(metadata or {})})
+        if generation is not None:
+            files.write_json(tmp / GENERATION, generation)
     return folder
 
 

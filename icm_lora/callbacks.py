@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import statistics
 import time
 from pathlib import Path
@@ -194,8 +195,35 @@ def format_table(rows: list[dict]) -> tuple[str, str]:
     return "\n".join(lines) + "\n", buf.getvalue()
 
 
+def write_adapters(dm, generator: str, predicted: dict[str, Tensor], output_dir: Path) -> dict[str, list[Path]]:
+    """Write each task's (S, D) normalised samples as ``<output_dir>/<task>/sample_<k>/`` PEFT folders.
+
+    What the condition was made from (for a description: the experts drawn on, with SG-LoRA's alpha,
+    and the best similarity against the rejection threshold) goes into each folder's
+    ``generation.json`` and, as strings, into the safetensors header; it is printed once per task.
+    """
+    written: dict[str, list[Path]] = {}
+    for name, samples in predicted.items():
+        info = dm.predict_info.get(name, {})
+        generation = {"task": name, "generator": generator, "base_model": dm.base_model, **info}
+        header = {k: v if isinstance(v, str) else json.dumps(v) for k, v in generation.items()}
+        if info.get("experts"):
+            weight = next(k for k in info["experts"][0] if k != "task")
+            drawn = ", ".join(f"{e['task']} ({weight} {e[weight]:.3f})" for e in info["experts"])
+            print(f"{name}: experts {drawn}; best similarity {info['best_similarity']:.3f} "
+                  f"(threshold {info['threshold']:.3f})")
+        for k, sample in enumerate(samples):  # (S, D)
+            folder = output_dir / slug(name) / f"sample_{k:02d}"
+            save_adapter(folder, dm.normalizer.denormalize(sample.cpu()), dm.layout, dm.lora.peft_config(),
+                         dm.zoo.meta["base_model_path"], header, generation | {"sample": k})
+            written.setdefault(name, []).append(folder)
+            print(f"wrote {folder}")
+    return written
+
+
 class AdapterWriter(BasePredictionWriter):
-    """Writes each predicted LoRA as ``<output_dir>/<task>/sample_<k>/`` (a PEFT adapter folder).
+    """Writes each predicted LoRA as ``<output_dir>/<task>/sample_<k>/`` (a PEFT adapter folder, see
+    ``write_adapters``); the folders written by the last ``predict`` are in ``written``.
 
     Args:
         output_dir: where adapter folders go.
@@ -204,17 +232,12 @@ class AdapterWriter(BasePredictionWriter):
     def __init__(self, output_dir: str = "generated_adapters") -> None:
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
+        self.written: dict[str, list[Path]] = {}
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         """Rank 0 writes every task predicted on any rank, once."""
-        dm = trainer.datamodule
         mine = list(zip(prediction["name"], prediction["weights"].cpu()))
         predicted = dict(pair for part in Ranks.current().gather(mine) for pair in part)  # one folder per task name
-        if not trainer.is_global_zero:
-            return
-        for name, samples in predicted.items():
-            for k, sample in enumerate(samples):  # (S, D)
-                folder = self.output_dir / slug(name) / f"sample_{k:02d}"
-                save_adapter(folder, dm.normalizer.denormalize(sample.cpu()), dm.layout, dm.lora.peft_config(),
-                             dm.zoo.meta["base_model_path"], {"task": name, "generator": "icm_lora"})
-                print(f"wrote {folder}")
+        if trainer.is_global_zero:
+            generator = pl_module.hparams.get("generator", "icm_lora")
+            self.written |= write_adapters(trainer.datamodule, generator, predicted, self.output_dir)

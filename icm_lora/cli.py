@@ -13,7 +13,8 @@ from lightning.pytorch.cli import LightningCLI
 from icm_lora import files, hardware
 from icm_lora.base import Unreachable
 from icm_lora.callbacks import AdapterWriter, DownstreamEval
-from icm_lora.data import ZooDataModule
+from icm_lora.data import PredictInputError, ZooDataModule
+from icm_lora.semantic import FarDescription
 from icm_lora.system import ICMLoRA
 from icm_lora.zoo import ZooMismatch
 
@@ -43,6 +44,13 @@ class ICMLoRACLI(LightningCLI):
         parser.add_argument("--num_samples", type=int, default=1,
                             help="adapters decoded per task by predict (0: only the mean decode, z = 0)")
         parser.link_arguments("num_samples", "model.num_samples")
+        parser.add_argument("--description", type=str | None, default=None,
+                            help="predict: an adapter for the task this sentence describes (a description-"
+                                 "conditioned generator: data.condition.kind semantic or description)")
+        parser.link_arguments("description", "data.predict_description")
+        parser.add_argument("--allow_far", type=bool, default=False,
+                            help="predict: generate even for a description far from every expert (with a warning)")
+        parser.link_arguments("allow_far", "data.allow_far")
         parser.add_lightning_class_args(DownstreamEval, "eval")
         parser.add_lightning_class_args(AdapterWriter, "writer")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -111,10 +119,11 @@ class ICMLoRACLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> ICMLoRACLI:
-    """Run the CLI; an unreachable hub model or dataset, or a zoo that does not match the config,
-    ends with a one-line message, not a traceback."""
+    """Run the CLI; an unreachable hub model or dataset, a zoo that does not match the config, or a
+    description no expert covers, or a predict task the generator cannot condition on ends with a
+    one-line message, not a traceback."""
     try:
         return ICMLoRACLI(ICMLoRA, ZooDataModule, trainer_class=Trainer, args=args,
                           save_config_kwargs={"overwrite": True})
-    except (Unreachable, ZooMismatch) as err:
+    except (Unreachable, ZooMismatch, FarDescription, PredictInputError) as err:
         raise SystemExit(f"icm_lora: {err}") from None
