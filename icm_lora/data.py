@@ -407,7 +407,7 @@ class ZooDataModule(L.LightningDataModule):
                       tokenizer=None) -> Tensor:
         """(C,) scaled condition of a task given by examples and/or a description (zoo task or new)."""
         if self.condition.kind != "task_vector":
-            if description is None:
+            if not description:
                 raise PredictInputError(f"task {name!r}: this generator is conditioned on descriptions, "
                                  "so the task needs a 'description'")
             return self.description_condition(description, name)

@@ -1,8 +1,10 @@
 """Choose the generator's settings on the validation folds of ``make openworld``.
 
     python -m icm_lora.generator_sweep --config experiments/openworld.yaml
+    python -m icm_lora.generator_sweep --config experiments/openworld.yaml --sweep sg_lora_sweep
 
-Each setting of the YAML's ``generator_sweep`` section changes the config by dotted keys, as on the
+Each setting of the YAML's ``generator_sweep`` section (or of ``sg_lora_sweep``: SG-LoRA's K, tau,
+M and lambda) changes the config by dotted keys, as on the
 command line (``model.kl_weight``, ``trainer.max_epochs``, ``data.condition.layer``, ...), and may
 train on a thinner zoo (``seen_every: 2``: every second seen task only). For each setting and each
 validation fold, the fold's generator is trained on the fold's seen tasks exactly as the benchmark
@@ -76,8 +78,18 @@ class GeneratorSweep:
     output: str = "results/generator_sweep"
 
 
-GENERATED = "ICM-LoRA ({kind})"
-REFERENCES = ("soup", "nearest (task vector)", "top-K mean")
+def generated(kind: str) -> str:
+    """The benchmark's row of the generated adapters of ``kind``."""
+    from icm_lora.openworld import SG_LORA
+
+    return SG_LORA if kind == "semantic" else f"ICM-LoRA ({kind})"
+
+
+WRONG = {"task_vector": "control: another task's demonstrations",
+         "description": "control: random-character description",
+         "semantic": "control: SG-LoRA, other task's description"}
+REFERENCES = ("soup", "nearest (task vector)", "top-K mean", "nearest (description)",
+              "AdapterSoup (top-K by description)", "mu* (top-K weighted by description)")
 
 
 def check(spec: GeneratorSweep, folds: list) -> list:
@@ -133,7 +145,7 @@ class Sweep:
         from icm_lora.openworld import check as check_openworld
 
         self.cli, self.args = cli, args
-        self.spec: GeneratorSweep = cli.config_init["generator_sweep"]
+        self.spec: GeneratorSweep = cli.config_init[cli.config_init["sweep"]]
         self.openworld = cli.config_init["openworld"]
         check_openworld(self.openworld, [t.name for t in cli.datamodule.task_specs])
         self.folds = check(self.spec, self.openworld.folds)
@@ -165,7 +177,9 @@ class Sweep:
             extra += ["--data.zoo_dir", str(zoo_view(self.cli.datamodule.zoo_dir, setting.name))]
         cli = OpenWorldCLI(ICMLoRA, ZooDataModule, trainer_class=Trainer, run=False, args=self.args + extra,
                            save_config_kwargs={"overwrite": True})
-        return Benchmark(cli)
+        bench = Benchmark(cli)
+        bench.overrides = dict(setting.changes)  # over the kind's own changes (openworld.kind_changes) too
+        return bench
 
     def run_setting(self, setting: GeneratorSetting, shared: dict) -> dict:
         from icm_lora.openworld import choose_top_k, finish_row
@@ -207,14 +221,13 @@ def gaps(result: dict, method: str) -> dict[str, float]:
 def summary(result: dict, kind: str) -> dict:
     """Mean gap closed by the generated adapters, their z = 0 decode and the wrong condition, and how
     often the task's own condition beats the wrong one."""
-    own = GENERATED.format(kind=kind)
-    generated, z0 = gaps(result, own), gaps(result, f"{own} z=0")
-    wrong = gaps(result, "control: another task's demonstrations" if kind == "task_vector"
-                 else "control: random-character description")
+    own = generated(kind)
+    mine, z0 = gaps(result, own), gaps(result, f"{own} z=0")
+    wrong = gaps(result, WRONG[kind])
     stds = [row["methods"][own]["gap_std"] for row in result["tasks"].values()]
-    return {"gap": statistics.fmean(generated.values()), "gap_std": statistics.fmean(stds),
+    return {"gap": statistics.fmean(mine.values()), "gap_std": statistics.fmean(stds),
             "z0": statistics.fmean(z0.values()), "wrong": statistics.fmean(wrong.values()),
-            "right_beats_wrong": sum(generated[t] > wrong[t] for t in wrong), "num_tasks": len(generated),
+            "right_beats_wrong": sum(mine[t] > wrong[t] for t in wrong), "num_tasks": len(mine),
             "fit_seconds": None if None in result["seconds"].values() else sum(result["seconds"].values())}
 
 
@@ -246,7 +259,7 @@ def report(results: list[dict], kind: str, header: str) -> tuple[str, str]:
     names = list(results[0]["tasks"])
     first = results[0]["tasks"]
     lines = ["# Generator settings on the validation folds", "", header, "",
-             f"Gap: the share of the base -> oracle gap in NLL per token that ICM-LoRA ({kind}) closes on each "
+             f"Gap: the share of the base -> oracle gap in NLL per token that {generated(kind)} closes on each "
              "held-out task's validation text (mean over samples; the mean over tasks here). Wrong: decoded "
              "from another task's condition. Fit: seconds to train the folds' generators.", "",
              "Baselines on the same tasks (they do not depend on the setting): "
@@ -260,7 +273,7 @@ def report(results: list[dict], kind: str, header: str) -> tuple[str, str]:
         lines.append(f"| {r['setting']}{mark} | {_changes(r)} | {s['gap']:.3f} | {s['gap_std']:.3f} | "
                      f"{s['z0']:.3f} | {s['wrong']:.3f} | {s['right_beats_wrong']}/{s['num_tasks']} | "
                      f"{_seconds(s['fit_seconds'])} |")
-    own = GENERATED.format(kind=kind)
+    own = generated(kind)
     lines += ["", "## Per held-out task: gap closed", "", "| setting | " + " | ".join(names) + " |",
               "|" + "---|" * (1 + len(names))]
     for m in REFERENCES:
@@ -282,7 +295,8 @@ def report(results: list[dict], kind: str, header: str) -> tuple[str, str]:
 
 
 def main(args: list[str] | None = None) -> list[dict]:
-    """Parse the config (the openworld YAML, whose CLI has the ``generator_sweep`` section) and sweep."""
+    """Parse the config (the openworld YAML, whose CLI has the ``generator_sweep`` and ``sg_lora_sweep``
+    sections; ``--sweep`` picks one) and sweep."""
     from icm_lora.openworld import run_with_cli
 
     argv = list(sys.argv[1:] if args is None else args)

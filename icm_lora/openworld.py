@@ -15,8 +15,12 @@ is then scored on its own text with:
 - the oracle, the held-out task's own LoRA (from the zoo, used for scoring only);
 - ICM-LoRA from the task's demonstrations and from its description (mean ± std over samples, and
   the z = 0 decode);
-- controls: the task decoded from another task's demonstrations, and from a random-character
-  description.
+- SG-LoRA from its description (kind ``semantic``: samples z ~ p(z | c) and the prior's mean), and
+  what it is built from: mu*, the top-K similarity-weighted mean of the experts' parameter means
+  (SG-LoRA without its generator), and AdapterSoup, the uniform mean of the same top-K experts;
+- controls: the task decoded from another task's demonstrations, from a random-character
+  description, and (SG-LoRA) from another task's description; whether ``predict`` would refuse
+  each description as far from every expert is recorded.
 
 Validation folds (``role: validation``) are scored on their held-out tasks' validation text and
 choose the top-K baseline's K and temperature; test folds are scored on test text and reported.
@@ -44,14 +48,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor
 
-from icm_lora import base, baselines, files, hardware
+from icm_lora import base, baselines, files, hardware, semantic
 from icm_lora.base import Unreachable
 from icm_lora.cli import ICMLoRACLI, Trainer
+from icm_lora.condition import description_embeddings
 from icm_lora.data import ZooDataModule
 from icm_lora.evaluate import LiveAdapter, Score, TextScorer
 from icm_lora.generator_sweep import GeneratorSweep
@@ -61,7 +67,8 @@ from icm_lora.tasks import Task, fingerprint, slug
 from icm_lora.zoo import Zoo, ZooMismatch
 from icm_lora.zoo_build import build
 
-KINDS = ("task_vector", "description")
+KINDS = ("task_vector", "description")  # the stored conditions every fold's baselines read
+SG_LORA = "SG-LoRA (description)"
 
 
 class OpenWorldError(ValueError):
@@ -91,7 +98,9 @@ class OpenWorld:
         families: family name -> its tasks; every task of ``data.tasks`` is in exactly one.
         folds: the folds, written out so that runs are reproducible.
         kinds: condition kinds to train a generator for in each fold (``task_vector``: ICM-LoRA from
-            demonstrations; ``description``: from the task's description).
+            demonstrations; ``description``: from the task's description; ``semantic``: SG-LoRA).
+        kind_changes: per kind, config changes by dotted key for its generator only, e.g.
+            ``{semantic: {model.generator: sg_lora, model.kl_weight: 1.0}}``.
         num_samples: generated adapters per held-out task and kind (mean ± std reported).
         top_k: values of K tried for the top-K weighted mean on the validation folds.
         temperatures: softmax temperatures tried with them.
@@ -105,6 +114,7 @@ class OpenWorld:
     families: dict[str, list[str]] = field(default_factory=dict)
     folds: list[Fold] = field(default_factory=list)
     kinds: list[str] = field(default_factory=lambda: list(KINDS))
+    kind_changes: dict[str, dict[str, Any]] = field(default_factory=dict)
     num_samples: int = 3
     top_k: list[int] = field(default_factory=lambda: [1, 3, 5])
     temperatures: list[float] = field(default_factory=lambda: [0.05, 0.2])
@@ -124,6 +134,10 @@ class OpenWorldCLI(ICMLoRACLI):
         parser.add_class_arguments(OpenWorld, "openworld")
         parser.add_class_arguments(LoRASweep, "lora_sweep")
         parser.add_class_arguments(GeneratorSweep, "generator_sweep")
+        parser.add_class_arguments(GeneratorSweep, "sg_lora_sweep")
+        parser.add_argument("--sweep", type=str, default="generator_sweep",
+                            help="python -m icm_lora.generator_sweep: the section to run (generator_sweep or "
+                                 "sg_lora_sweep)")
 
 
 def check(spec: OpenWorld, names: list[str]) -> None:
@@ -152,8 +166,11 @@ def check(spec: OpenWorld, names: list[str]) -> None:
             raise OpenWorldError(f"fold {fold.name!r}: role must be 'validation' or 'test', got {fold.role!r}")
     if not any(f.role == "test" for f in spec.folds):
         raise OpenWorldError("no fold has role 'test': nothing would be reported")
-    if bad := sorted(set(spec.kinds) - set(KINDS)):
-        raise OpenWorldError(f"openworld.kinds: unknown {bad}; choose from {KINDS}")
+    generator_kinds = (*KINDS, "semantic")
+    if bad := sorted(set(spec.kinds) - set(generator_kinds)):
+        raise OpenWorldError(f"openworld.kinds: unknown {bad}; choose from {generator_kinds}")
+    if bad := sorted(set(spec.kind_changes) - set(spec.kinds)):
+        raise OpenWorldError(f"openworld.kind_changes: {bad} not in openworld.kinds")
     if not spec.multitask_steps or min(spec.multitask_steps) < 1:
         raise OpenWorldError("openworld.multitask_steps needs at least one positive number of steps")
     if spec.budget_fold is not None and spec.budget_fold not in {f.name for f in spec.folds}:
@@ -175,6 +192,7 @@ class Benchmark:
         self.spent = self.runs / "phases.json"  # wall time per phase summed over every run, resumed ones included
         self.before: dict[str, float] = files.read_json(self.spent) if self.spent.exists() else {}
         self.config = copy.deepcopy(cli.config)
+        self.overrides: dict[str, Any] = {}  # changes by dotted key over every kind's own (a sweep's setting)
 
     # ---- phases -----------------------------------------------------------------------------
     def run(self) -> list[dict]:
@@ -232,10 +250,13 @@ class Benchmark:
         cfg = copy.deepcopy(self.config)
         cfg.data.tasks = [t for t in cfg.data.tasks if t.name in seen]
         cfg.data.condition.kind = kind
+        for key, value in (self.spec.kind_changes.get(kind, {}) | self.overrides).items():
+            cfg[key] = value
         cfg.trainer.default_root_dir = str(folder)
         cfg.trainer.logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                               "init_args": {"save_dir": str(self.runs), "name": fold.name, "version": kind}}
         self.cli.config = cfg
+        self.cli.__dict__.pop("config_dump", None)  # Lightning saves the hparams from a dump it makes only once
         key = generator_key(cfg)
         L.seed_everything(int(self.config.seed_everything or 0))  # the same generator whatever ran before it
         self.cli.instantiate_classes()
@@ -327,7 +348,11 @@ class Benchmark:
         other = self.other_task(fold, name)
         samples: dict[str, list[Tensor]] = {}
         torch.manual_seed(int(self.config.seed_everything or 0))
+        refused: dict[str, bool] = {}
         for kind, (generator, dm) in generators.items():
+            if kind == "semantic":
+                refused = self.sg_lora(generator, dm, raw["description"], other, name, adapters, samples)
+                continue
             own = self.condition(dm, kind, name, raw[kind][-1])
             samples[f"ICM-LoRA ({kind})"] = self.decode(generator, dm, own, self.spec.num_samples)
             adapters[f"ICM-LoRA ({kind}) z=0"] = self.decode(generator, dm, own, 0)[0]
@@ -350,7 +375,31 @@ class Benchmark:
         return {"fold": fold.name, "role": fold.role, "task": name, "family": self.family[name],
                 "seen_relatives": sum(self.family[s] == self.family[name] for s in seen),
                 "nearest_tv": seen[int(tv_sims.argmax())], "nearest_desc": seen[int(desc_sims.argmax())],
-                "other_task": other, "scores": scores}
+                "other_task": other, "refused": refused, "scores": scores}
+
+    def sg_lora(self, generator: ICMLoRA, dm: ZooDataModule, descriptions: Tensor, other: str, name: str,
+                adapters: dict, samples: dict) -> dict[str, bool]:
+        """SG-LoRA's rows for one held-out task (its description embedding is the last of the (E + 1, E)
+        ``descriptions``): samples, the prior's mean, mu*, AdapterSoup of the same top K, and the controls.
+        Returns which descriptions ``predict`` would refuse as far from every expert."""
+        spec, d = dm.semantic, dm.lora_dim
+        random_text = baselines.random_description(self.spec.random_description_chars, seed=len(name))
+        queries = {"own": descriptions[-1], "other task's": self.whole.raw_conditions([other], "description")[0],
+                   "random-character": description_embeddings([random_text], dm.condition.embedder)[0]}
+        refused, conds = {}, {}
+        for label, query in queries.items():
+            conds[label], experts, best = semantic.prior_condition(query, dm.expert_keys, dm.expert_means,
+                                                                   dm.expert_vars, spec)
+            refused[label] = best < dm.threshold
+        samples[SG_LORA] = self.decode(generator, dm, conds["own"], self.spec.num_samples)
+        adapters[f"{SG_LORA} z=0"] = self.decode(generator, dm, conds["own"], 0)[0]
+        adapters["mu* (top-K weighted by description)"] = dm.normalizer.denormalize(conds["own"][:d])
+        idx, _, _ = semantic.expert_weights(queries["own"], dm.expert_keys, spec.top_k, spec.temperature)
+        adapters["AdapterSoup (top-K by description)"] = baselines.soup(
+            torch.stack([dm.zoo.final(dm.task_names[i]) for i in idx.tolist()]))
+        for label in ("other task's", "random-character"):
+            adapters[f"control: SG-LoRA, {label} description"] = self.decode(generator, dm, conds[label], 0)[0]
+        return refused
 
     def condition(self, dm: ZooDataModule, kind: str, name: str, raw: Tensor | None,
                   description: str | None = None) -> Tensor:
@@ -491,8 +540,8 @@ def finish_row(row: dict, chosen: dict) -> dict:
 
 def _method_rank(method: str) -> tuple[int, int, str]:
     """Baselines first, then the generator's rows, then the controls."""
-    for rank, prefix in enumerate(("base", "oracle", "soup", "nearest", "top-K", "multi-task", "ICM-LoRA (task_vector)",
-                                   "ICM-LoRA (description)", "control")):
+    for rank, prefix in enumerate(("base", "oracle", "soup", "nearest", "top-K", "AdapterSoup", "mu*", "multi-task",
+                                   "ICM-LoRA (task_vector)", "ICM-LoRA (description)", "SG-LoRA", "control")):
         if method.startswith(prefix):
             return rank, len(method), method  # by length: "512 tokens" before "1,024 tokens"
     return 99, len(method), method
@@ -513,7 +562,8 @@ def report(rows: list[dict], chosen: dict, header: str) -> tuple[str, str]:
     lines = ["# Open world: adapters for held-out tasks", "", header,
              f"Top-K mean: {chosen['method']}, chosen on {chosen['on']}. Gap: share of the base -> oracle gap in "
              "NLL per token that a method closes (1 = the task's own LoRA, 0 = the base model). "
-             "ICM-LoRA rows are mean ± std over samples; `z=0` is the mean decode.", "",
+             "ICM-LoRA and SG-LoRA rows are mean ± std over samples; `z=0` is the mean decode (SG-LoRA: the "
+             "mean of its learned prior p(z | c)).", "",
              "## Mean over the test folds' held-out tasks", "", "| method | ppl | bpc | gap closed | beats soup |",
              "|---|---|---|---|---|"]
     for m in methods:
@@ -523,6 +573,7 @@ def report(rows: list[dict], chosen: dict, header: str) -> tuple[str, str]:
         wins = sum(r["methods"][m]["ppl"] < r["methods"]["soup"]["ppl"] for r in test)
         gap = f"{statistics.fmean(gaps):+.2f}" if gaps else "n/a"
         lines.append(f"| {m} | {ppl:.2f} | {bpc:.3f} | {gap} | {wins}/{len(test)} |")
+    lines += refusals(test)
     lines += ["", "## Per held-out task (test folds): perplexity (gap closed)", "",
               "| fold | task | family | relatives seen | " + " | ".join(methods) + " |",
               "|" + "---|" * (4 + len(methods))]
@@ -544,6 +595,17 @@ def report(rows: list[dict], chosen: dict, header: str) -> tuple[str, str]:
                              r["nearest_desc"], r["other_task"], m, v["ppl"], v["ppl_std"], v["bpc"], v["gap"],
                              v["gap_std"]])
     return "\n".join(lines) + "\n", buf.getvalue()
+
+
+def refusals(rows: list[dict]) -> list[str]:
+    """Markdown lines: how many of SG-LoRA's descriptions ``predict`` would refuse (none without SG-LoRA rows)."""
+    rows = [r for r in rows if r.get("refused")]
+    if not rows:
+        return []
+    counts = ", ".join(f"{label} description {sum(r['refused'][label] for r in rows)}/{len(rows)}"
+                       for label in rows[0]["refused"])
+    return ["", f"Descriptions `predict` would refuse as far from every seen expert (SG-LoRA's threshold): {counts}. "
+            "The rows above score them all the same (as `--allow_far`)."]
 
 
 def zoo_table(rows: list[dict]) -> str:
@@ -575,7 +637,7 @@ def budget_table(rows: list[dict]) -> list[str]:
     if not budgets:
         return []
     methods = [m for m in budgets[0]["methods"] if m in ("base", "oracle")
-               or (m.startswith(("multi-task", "ICM-LoRA")) and "z=0" not in m)]
+               or (m.startswith(("multi-task", "ICM-LoRA", "SG-LoRA")) and "z=0" not in m)]
     lines = ["", f"## The multi-task LoRA at every budget (fold {budgets[0]['fold']}, {budgets[0]['role']} text): "
              "perplexity (gap closed)", "", "| task | " + " | ".join(methods) + " |", "|" + "---|" * (1 + len(methods))]
     for r in budgets:

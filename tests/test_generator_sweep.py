@@ -136,3 +136,27 @@ def test_mean_pooling_averages_the_prompt_and_last_pooling_keeps_old_hashes(cach
     assert "pooling" not in CONDITION.hashed() and ConditionSpec(pooling="mean").hashed()["pooling"] == "mean"
     with pytest.raises(ValueError, match="pooling must be one of"):
         ConditionSpec(pooling="max")
+
+
+def test_sg_lora_sweep_section_and_settings_win_over_the_kinds_changes(tmp_path, task_specs, cache_dir, zoo):
+    path = write_config(tmp_path, task_specs, cache_dir, zoo, kinds=["semantic"],
+                        kind_changes={"semantic": {"model.generator": "sg_lora", "model.kl_weight": 1.0}},
+                        multitask_steps=[2])
+    cfg = yaml.safe_load(open(path))
+    cfg["sg_lora_sweep"] = {"kind": "semantic", "output": str(tmp_path / "results" / "sg"), "settings": [
+        {"name": "reference"}, {"name": "lambda 0.01", "changes": {"model.kl_weight": 0.01}},
+        {"name": "top 1", "changes": {"data.semantic.top_k": 1}}]}
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    results = generator_sweep.main(["--config", path, "--sweep", "sg_lora_sweep"])
+    assert [r["setting"] for r in results] == ["reference", "lambda 0.01", "top 1"]
+    runs = tmp_path / "results" / "sg_runs"
+    hparams = {}
+    for name in ("reference", "lambda_0.01"):
+        done = files.read_json(runs / name / "openworld_runs" / "val" / "semantic" / "done.json")
+        hparams[name] = torch.load(done["best"], weights_only=False)["hyper_parameters"]
+    assert hparams["reference"]["generator"] == hparams["lambda_0.01"]["generator"] == "sg_lora"
+    assert hparams["reference"]["kl_weight"] == 1.0 and hparams["lambda_0.01"]["kl_weight"] == 0.01
+    table = (tmp_path / "results" / "sg.md").read_text()
+    assert "SG-LoRA (description) closes" in table and "mu* (top-K weighted by description)" in table
+    assert "| top 1 |" in table

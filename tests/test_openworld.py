@@ -178,3 +178,24 @@ def test_a_killed_run_keeps_its_phase_times(tmp_path, task_specs, cache_dir, zoo
     assert signal.getsignal(signal.SIGTERM) == before  # the caller's handler is back
     spent = files.read_json(tmp_path / "results" / "ow_runs" / "phases.json")
     assert {"zoo + conditions (all tasks)", "zoo on test (all tasks)"} <= set(spent)
+
+
+def test_sg_lora_joins_the_benchmark(tmp_path, task_specs, cache_dir, zoo):
+    changes = {"semantic": {"model.generator": "sg_lora", "model.kl_weight": 1.0, "data.semantic.top_k": 2}}
+    path = write_config(tmp_path, task_specs, cache_dir, zoo, kinds=["semantic"], kind_changes=changes,
+                        multitask_steps=[2])
+    rows = openworld.main(["--config", path])
+    for row in rows:
+        methods = row["methods"]
+        assert {"SG-LoRA (description)", "SG-LoRA (description) z=0", "mu* (top-K weighted by description)",
+                "AdapterSoup (top-K by description)", "control: SG-LoRA, other task's description",
+                "control: SG-LoRA, random-character description"} <= set(methods)
+        assert "ICM-LoRA (task_vector)" not in methods
+        assert methods["SG-LoRA (description)"]["ppl_std"] > 0  # samples z ~ p(z | c), not one draw
+        assert set(row["refused"]) == {"own", "other task's", "random-character"}
+    done = files.read_json(tmp_path / "results" / "ow_runs" / "test" / "semantic" / "done.json")
+    assert torch.load(done["best"], weights_only=False)["hyper_parameters"]["generator"] == "sg_lora"
+    table = (tmp_path / "results" / "ow.md").read_text()
+    assert "| SG-LoRA (description) |" in table and "would refuse as far from every seen expert" in table
+    with pytest.raises(SystemExit, match="kind_changes"):
+        openworld.main(["--config", write_config(tmp_path, task_specs, cache_dir, zoo, kind_changes=changes)])
