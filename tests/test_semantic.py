@@ -213,3 +213,19 @@ def test_a_task_vector_generator_asks_for_examples(tiny_run, monkeypatch):
     with pytest.raises(SystemExit, match="^icm_lora: task .*needs 'examples'"):
         main(["predict", "--config", str(TINY), "--data.zoo_dir", str(tiny_run / "zoo"), "--ckpt_path", str(ckpt),
               "--description", "Legal contracts", "--writer.output_dir", str(tiny_run / "desc")])
+
+
+def test_sg_lora_yaml_shares_the_openworld_zoo_and_settings():
+    import yaml
+
+    from conftest import ROOT
+
+    sg = yaml.safe_load((ROOT / "experiments" / "sg_lora.yaml").read_text())
+    ow = yaml.safe_load((ROOT / "experiments" / "openworld.yaml").read_text())
+    for key in ("zoo_dir", "base_model", "tasks", "text", "lora", "training", "semantic", "normalization"):
+        assert sg["data"][key] == ow["data"][key], key  # the same zoo entries, never a rebuild
+    assert {k: v for k, v in sg["data"]["condition"].items() if k != "kind"} == \
+        {k: v for k, v in ow["data"]["condition"].items() if k != "kind"}
+    assert sg["data"]["condition"]["kind"] == "semantic"
+    for key, value in ow["openworld"]["kind_changes"]["semantic"].items():
+        assert sg["model"][key.split(".", 1)[1]] == value, key  # the settings scored in the benchmark
