@@ -65,7 +65,8 @@ class CVAE(nn.Module):
         feature_dim = channels[-1] * self.padded_dim // factor
         pad = kernel_size // 2
 
-        self.encoder = nn.Sequential(*conv_encoder(1, channels, kernel_size), nn.Flatten(), nn.Linear(feature_dim, latent_dim), nn.LeakyReLU(0.2))
+        self.encoder = nn.Sequential(*conv_encoder(1, channels, kernel_size), nn.Flatten(),
+                                     nn.Linear(feature_dim, latent_dim), nn.LeakyReLU(0.2))
         self.to_mu = nn.Linear(latent_dim + cond_dim, latent_dim)
         self.to_logvar = nn.Linear(latent_dim + cond_dim, latent_dim)
 

@@ -338,8 +338,8 @@ class ZooDataModule(L.LightningDataModule):
         raw = self.raw_conditions(self.task_names)  # (T, C); for semantic, (T, E) description embeddings
         self.scaler = ConditionScaler.fit(raw)
         self.conditions = self.scaler(raw) if self.condition.kind != "semantic" else self._semantic_setup(raw)
-        if self.condition.kind != "task_vector":
-            self._calibrate(self.raw_conditions(self.task_names, "description"))
+        if self.condition.kind != "task_vector":  # both description kinds read the description embeddings
+            self._calibrate(raw)
         self.prompt_conditions = None  # (P, C) per task: single prompts' scaled conditions, for condition_draws
         if self.condition_draws and self.condition.kind == "task_vector":
             stored = files.load_tensors(self.zoo_dir / CONDITIONS)
@@ -386,9 +386,10 @@ class ZooDataModule(L.LightningDataModule):
         noise = description_embeddings(semantic.noise_strings(count), self.condition.embedder) if count else None
         self.threshold = semantic.threshold(keys, self.semantic.margin, noise)
 
-    def description_condition(self, description: str | None, name: str) -> Tensor:
+    def description_condition(self, description: str | None, name: str, refuse_far: bool = True) -> Tensor:
         """(C,) condition of a new description (``description`` or ``semantic`` kind); refuses one no expert
-        covers (unless ``allow_far``) and records which experts it is closest to in ``predict_info``."""
+        covers (unless ``allow_far``, or ``refuse_far`` is off: a benchmark's controls) and records which
+        experts it is closest to in ``predict_info``."""
         text = semantic.check_text(description)
         query = description_embeddings([text], self.condition.embedder)[0]  # (E,)
         if self.condition.kind == "semantic":
@@ -397,7 +398,8 @@ class ZooDataModule(L.LightningDataModule):
         else:  # ICM-LoRA from the description: its nearest experts are reported, not mixed
             idx, _, sims = semantic.expert_weights(query, self.expert_keys, self.semantic.top_k, 1.0)
             cond, experts, best = self.scaler(query), dict(zip(idx.tolist(), sims.tolist())), sims[0].item()
-        semantic.check_covered(text, best, self.threshold, self.allow_far)
+        if refuse_far:
+            semantic.check_covered(text, best, self.threshold, self.allow_far)
         weight = "alpha" if self.condition.kind == "semantic" else "similarity"
         self.predict_info[name] = {"description": text, "best_similarity": best, "threshold": self.threshold,
                                    "experts": [{"task": self.task_names[i], weight: v} for i, v in experts.items()]}
@@ -409,14 +411,14 @@ class ZooDataModule(L.LightningDataModule):
         if self.condition.kind != "task_vector":
             if not description:
                 raise PredictInputError(f"task {name!r}: this generator is conditioned on descriptions, "
-                                 "so the task needs a 'description'")
+                                        "so the task needs a 'description'")
             return self.description_condition(description, name)
         if not examples:
             raise PredictInputError(f"task {name!r}: this generator is conditioned on task vectors, "
-                             "so the task needs 'examples' (a few texts of the task)")
+                                    "so the task needs 'examples' (a few texts of the task)")
         if self.condition.model == "finetuned":
             raise PredictInputError(f"task {name!r}: condition.model 'finetuned' needs the task's own LoRA, "
-                             "which a task outside the zoo does not have; use condition.model: base")
+                                    "which a task outside the zoo does not have; use condition.model: base")
         return self.scaler(task_vectors(model, tokenizer, examples, self.condition, name).mean(0))
 
     def predict_conditions(self) -> tuple[list[str], Tensor]:

@@ -43,12 +43,11 @@ import statistics
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -57,6 +56,7 @@ from torch import Tensor
 from icm_lora import base, baselines, files, hardware, semantic
 from icm_lora.base import Unreachable
 from icm_lora.cli import ICMLoRACLI, Trainer
+from icm_lora.condition import KINDS as GENERATOR_KINDS
 from icm_lora.condition import description_embeddings
 from icm_lora.data import ZooDataModule
 from icm_lora.evaluate import LiveAdapter, Score, TextScorer
@@ -135,7 +135,7 @@ class OpenWorldCLI(ICMLoRACLI):
         parser.add_class_arguments(LoRASweep, "lora_sweep")
         parser.add_class_arguments(GeneratorSweep, "generator_sweep")
         parser.add_class_arguments(GeneratorSweep, "sg_lora_sweep")
-        parser.add_argument("--sweep", type=str, default="generator_sweep",
+        parser.add_argument("--sweep", type=Literal["generator_sweep", "sg_lora_sweep"], default="generator_sweep",
                             help="python -m icm_lora.generator_sweep: the section to run (generator_sweep or "
                                  "sg_lora_sweep)")
 
@@ -166,9 +166,8 @@ def check(spec: OpenWorld, names: list[str]) -> None:
             raise OpenWorldError(f"fold {fold.name!r}: role must be 'validation' or 'test', got {fold.role!r}")
     if not any(f.role == "test" for f in spec.folds):
         raise OpenWorldError("no fold has role 'test': nothing would be reported")
-    generator_kinds = (*KINDS, "semantic")
-    if bad := sorted(set(spec.kinds) - set(generator_kinds)):
-        raise OpenWorldError(f"openworld.kinds: unknown {bad}; choose from {generator_kinds}")
+    if bad := sorted(set(spec.kinds) - set(GENERATOR_KINDS)):
+        raise OpenWorldError(f"openworld.kinds: unknown {bad}; choose from {GENERATOR_KINDS}")
     if bad := sorted(set(spec.kind_changes) - set(spec.kinds)):
         raise OpenWorldError(f"openworld.kind_changes: {bad} not in openworld.kinds")
     if not spec.multitask_steps or min(spec.multitask_steps) < 1:
@@ -386,17 +385,16 @@ class Benchmark:
         random_text = baselines.random_description(self.spec.random_description_chars, seed=len(name))
         queries = {"own": descriptions[-1], "other task's": self.whole.raw_conditions([other], "description")[0],
                    "random-character": description_embeddings([random_text], dm.condition.embedder)[0]}
-        refused, conds = {}, {}
+        refused, conds, experts = {}, {}, {}
         for label, query in queries.items():
-            conds[label], experts, best = semantic.prior_condition(query, dm.expert_keys, dm.expert_means,
-                                                                   dm.expert_vars, spec)
+            conds[label], experts[label], best = semantic.prior_condition(query, dm.expert_keys, dm.expert_means,
+                                                                          dm.expert_vars, spec)
             refused[label] = best < dm.threshold
         samples[SG_LORA] = self.decode(generator, dm, conds["own"], self.spec.num_samples)
         adapters[f"{SG_LORA} z=0"] = self.decode(generator, dm, conds["own"], 0)[0]
         adapters["mu* (top-K weighted by description)"] = dm.normalizer.denormalize(conds["own"][:d])
-        idx, _, _ = semantic.expert_weights(queries["own"], dm.expert_keys, spec.top_k, spec.temperature)
-        adapters["AdapterSoup (top-K by description)"] = baselines.soup(
-            torch.stack([dm.zoo.final(dm.task_names[i]) for i in idx.tolist()]))
+        adapters["AdapterSoup (top-K by description)"] = baselines.soup(  # the same top K, uniformly
+            torch.stack([dm.zoo.final(dm.task_names[i]) for i in experts["own"]]))
         for label in ("other task's", "random-character"):
             adapters[f"control: SG-LoRA, {label} description"] = self.decode(generator, dm, conds[label], 0)[0]
         return refused
@@ -405,13 +403,7 @@ class Benchmark:
                   description: str | None = None) -> Tensor:
         """(C,) a held-out task's condition, scaled with the fold's (seen tasks') scaler."""
         if raw is None:  # a control: scored even where `predict` would refuse it as far from every expert
-            far, dm.allow_far = dm.allow_far, True
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    return dm.condition_for(None, description, name)
-            finally:
-                dm.allow_far = far
+            return dm.description_condition(description, name, refuse_far=False)
         return dm.scaler(raw)
 
     @staticmethod
