@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from dataclasses import asdict
 from functools import cached_property
 from pathlib import Path
@@ -380,7 +381,8 @@ class ZooDataModule(L.LightningDataModule):
         """The experts' (T, E) description embeddings and the similarity a new description must reach."""
         self.expert_keys = keys
         if len(keys) < 2:
-            self.threshold = -1.0  # nothing to calibrate on: every description is covered
+            self.threshold = -1.0  # nothing to calibrate on: every description is covered, and the user is told
+            warnings.warn(f"{self.zoo_dir}: one expert only, so descriptions far from it cannot be refused", stacklevel=2)
             return
         count = self.semantic.noise_strings
         noise = description_embeddings(semantic.noise_strings(count), self.condition.embedder) if count else None
