@@ -1,7 +1,8 @@
-"""``python -m icm_lora fit|validate|test|predict --config experiments/X.yaml``."""
+"""``python -m icm_lora fit|validate|test|predict|fuse --config experiments/X.yaml``."""
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -119,9 +120,14 @@ class ICMLoRACLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> ICMLoRACLI:
-    """Run the CLI; an unreachable hub model or dataset, a zoo that does not match the config, or a
+    """Run the CLI (``fuse`` goes to ``icm_lora.fuse``); an unreachable hub model or dataset, a zoo that does not match the config, or a
     description no expert covers, or a predict task the generator cannot condition on ends with a
     one-line message, not a traceback."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["fuse"]:  # one adapter for several tasks (not a Trainer method, so not a LightningCLI subcommand)
+        from icm_lora.fuse import main as fuse
+
+        return fuse(argv[1:])
     try:
         return ICMLoRACLI(ICMLoRA, ZooDataModule, trainer_class=Trainer, args=args,
                           save_config_kwargs={"overwrite": True})

@@ -44,6 +44,7 @@ from icm_lora.zoo import LoRASpec
 MERGERS = ("task_arithmetic", "ties", "tsv_m", "iso_cts", "knots")
 PEFT_TYPES = ("cat", "svd", "ties_svd", "dare_ties_svd", "linear", "ties")
 A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
+RANK_TOL = 1e-5  # singular values below this share of the largest are float32 round-off, not directions
 
 
 class MergeError(ValueError):
@@ -114,12 +115,12 @@ def delta_weights(flat: Tensor, layout: FlatLayout, spec: LoRASpec) -> dict[str,
 def factorize(deltas: dict[str, Tensor], rank: int | None = None) -> tuple[dict[str, Tensor], int]:
     """Per-module ΔW -> a PEFT state dict with scaling 1 (B = U sqrt(S), A = sqrt(S) V^T) and its rank.
 
-    ``rank`` None keeps every non-zero direction of the largest update (exact); modules that need
+    ``rank`` None keeps every direction of the largest update above round-off (exact); modules that need
     fewer directions are padded with zeros, so every module has the same rank.
     """
     svds = {m: torch.linalg.svd(d.double(), full_matrices=False) for m, d in deltas.items()}
     if rank is None:
-        rank = max(1, max(int((S > S[0] * 1e-10).sum()) if S[0] > 0 else 0 for _, S, _ in svds.values()))
+        rank = max(1, max(int((S > S[0] * RANK_TOL).sum()) if S[0] > 0 else 0 for _, S, _ in svds.values()))
     state = {}
     for m, (U, S, Vh) in svds.items():
         k = min(rank, len(S))
@@ -152,7 +153,7 @@ def _top(delta: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
 
 def _rank(delta: Tensor) -> int:
     S = torch.linalg.svdvals(delta)
-    return int((S > S[0] * 1e-10).sum()) if S[0] > 0 else 0
+    return int((S > S[0] * RANK_TOL).sum()) if S[0] > 0 else 0
 
 
 def task_arithmetic(deltas: list[Tensor], weights: Tensor) -> Tensor:
@@ -200,7 +201,7 @@ def iso_cts(deltas: list[Tensor], weights: Tensor, common: float, isotropy: floa
 
 def knots(deltas: list[Tensor], weights: Tensor, density: float) -> Tensor:
     U, S, Vh = torch.linalg.svd(torch.cat(deltas, 1), full_matrices=False)  # (out, T*in) = U S [V_1..V_T]^T
-    keep = S > S[0] * 1e-10
+    keep = S > S[0] * RANK_TOL
     U, S, Vh = U[:, keep], S[keep], Vh[keep]
     inputs = deltas[0].shape[1]
     per_task = [Vh[:, i * inputs : (i + 1) * inputs] for i in range(len(deltas))]  # each (rho, in)

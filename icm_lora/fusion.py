@@ -1,0 +1,269 @@
+"""ICM-Fusion: one multi-task adapter from several tasks, fused in the generator's latent space.
+
+Each task is a point (z_t, c_t) of the trained CVAE: c_t its scaled condition (task vector or
+description embedding), z_t either 0, the prior's mean, so that fusing one task decodes exactly what
+``predict`` writes for it (``latent: prior``), or the posterior mean of q(z | own LoRA, c_t) for a zoo
+task (``latent: posterior``). The points are combined by a rule, and the result is decoded once into
+a LoRA of the zoo's structure:
+
+- ``mean``: the weighted mean of the tasks' (z, c);
+- ``ties``: TIES in latent space: each task keeps its top ``density`` coordinates by magnitude, each
+  coordinate's sign is elected by the weighted sum, and the agreeing coordinates are averaged;
+- ``pcgrad``: each task's vector loses its component along every other task's vector it points
+  against (PCGrad's projection), then the weighted mean;
+- ``optimize``: start from the weighted mean and take ``steps`` Adam steps on (z, c) through the
+  decoder and the base model, against the tasks' in-context demonstrations: each task's loss is its
+  mean NLL per token relative to the base model's, so a task with little text counts as much as one
+  with much, and ``focus`` > 0 replaces the weighted mean of those losses by their smooth maximum
+  (temperature ``focus``), which up-weights the task that lags (the tail task).
+
+``scale`` multiplies the combined (z, c) before decoding (the latent counterpart of task
+arithmetic's lambda; a mean of T roughly orthogonal conditions is shorter than any of them).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from peft import PeftModel
+from peft.utils.merge_utils import ties as peft_ties
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from icm_lora.evaluate import autocast
+from icm_lora.flat import FlatLayout
+from icm_lora.prefix import FrozenPrefix
+
+RULES = ("mean", "ties", "pcgrad", "optimize")
+LATENTS = ("prior", "posterior")
+
+
+class FusionError(ValueError):
+    """A fusion that cannot be made (unknown rule, a task without what the rule needs, bad weights)."""
+
+
+@dataclass
+class FusionSpec:
+    """How the tasks' latent points are fused.
+
+    Args:
+        rule: ``mean``, ``ties``, ``pcgrad`` or ``optimize`` (see the module's docstring).
+        latent: ``prior`` (z_t = 0: fusing one task is generating it) or ``posterior`` (z_t from the
+            task's own LoRA; zoo tasks only).
+        weights: per task, in the order given (None: equal); normalised to sum to 1.
+        scale: factor on the fused (z, c) before decoding.
+        density: ``ties``: share of each task's coordinates kept.
+        steps: ``optimize``: Adam steps on (z, c).
+        lr: ``optimize``: Adam learning rate.
+        demo_tokens: ``optimize``: tokens of each task's demonstrations used (from the start).
+        block_size: ``optimize``: tokens per block.
+        focus: ``optimize``: 0 minimises the weighted mean of the tasks' relative losses; > 0 their
+            smooth maximum at this temperature (the lagging task weighs more).
+        precision: ``optimize``: ``auto``, ``bf16`` or ``fp32`` for the base model's forward.
+        seed: seed of anything random.
+    """
+
+    rule: str = "mean"
+    latent: str = "prior"
+    weights: list[float] | None = None
+    scale: float = 1.0
+    density: float = 0.5
+    steps: int = 30
+    lr: float = 0.05
+    demo_tokens: int = 256
+    block_size: int = 128
+    focus: float = 0.0
+    precision: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise FusionError(f"fusion.rule must be one of {RULES}, got {self.rule!r}")
+        if self.latent not in LATENTS:
+            raise FusionError(f"fusion.latent must be one of {LATENTS}, got {self.latent!r}")
+        if not 0 < self.density <= 1 or self.steps < 0 or self.focus < 0 or self.demo_tokens < 2:
+            raise FusionError(f"need 0 < density <= 1, steps >= 0, focus >= 0 and demo_tokens >= 2, got "
+                             f"{self.density}, {self.steps}, {self.focus}, {self.demo_tokens}")
+
+    def normalized_weights(self, count: int) -> Tensor:
+        """(T,) weights summing to 1 (equal when none are given)."""
+        if self.weights is None:
+            return torch.full((count,), 1.0 / count)
+        w = torch.tensor(self.weights, dtype=torch.float32)
+        if len(w) != count:
+            raise FusionError(f"fusion.weights has {len(w)} values for {count} tasks")
+        if (w < 0).any() or w.sum() <= 0 or not torch.isfinite(w).all():
+            raise FusionError(f"fusion.weights must be non-negative and not all zero, got {self.weights}")
+        return w / w.sum()
+
+
+def combine(points: Tensor, weights: Tensor, rule: str, density: float = 0.5) -> Tensor:
+    """(T, K) task points, (T,) weights summing to 1 -> (K,) by ``mean``, ``ties`` or ``pcgrad``."""
+    if rule == "mean":
+        return weights @ points
+    if rule == "ties":  # PEFT's TIES (trim, elect, disjoint mean) with weights of mean 1
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The density .* no pruning will be performed")
+            return peft_ties(list(points), weights * len(points), density)
+    if rule == "pcgrad":
+        projected = points.clone()
+        for i in range(len(points)):
+            for j in range(len(points)):
+                dot = projected[i] @ points[j]
+                if j != i and dot < 0:
+                    projected[i] -= dot / points[j].pow(2).sum().clamp_min(1e-20) * points[j]
+        return weights @ projected
+    raise FusionError(f"combine has no rule {rule!r} (optimize starts from mean)")
+
+
+class DemoLoss:
+    """Differentiable per-task losses of a flat LoRA on the tasks' demonstrations.
+
+    The LoRA's tensors are swapped into ``model``'s adapter for the call (``torch.func.functional_call``),
+    so gradients reach whatever produced them (the generator's latent point). The frozen layers below
+    the adapted ones run once per block (``FrozenPrefix``), and each task's base-model loss is computed
+    once: ``__call__`` returns each task's NLL per token over the base model's.
+
+    Args:
+        model: a PeftModel with the zoo's LoRA structure (its active adapter is the one swapped).
+        tokenizer: the base model's tokenizer.
+        layout: the zoo's flat layout.
+        demos: per task, its demonstration texts.
+        tokens: tokens of each task's demonstrations used.
+        block_size: tokens per block.
+        precision: ``bf16`` or ``fp32`` (resolved).
+    """
+
+    def __init__(self, model: PeftModel, tokenizer, layout: FlatLayout, demos: list[list[str]], tokens: int,
+                 block_size: int, precision: str) -> None:
+        self.model, self.layout, self.precision = model, layout, precision
+        self.device = next(model.parameters()).device
+        adapter = model.active_adapter
+        names = {n for n, _ in model.named_parameters()}
+        self.param_names = {}
+        for seg in layout.segments:  # PEFT's saved key -> the live parameter (adapter name inserted)
+            live = seg.name.replace(".lora_A.weight", f".lora_A.{adapter}.weight").replace(
+                ".lora_B.weight", f".lora_B.{adapter}.weight")
+            if live not in names:
+                raise FusionError(f"the live model has no parameter {live!r} for LoRA tensor {seg.name!r}")
+            self.param_names[seg.name] = "model." + live
+        self.prefix = FrozenPrefix(model)
+        self.blocks = [self._blocks(tokenizer, texts, tokens, block_size) for texts in demos]
+        self.wrapper = _Loss(model, self.prefix)
+        with torch.no_grad(), model.disable_adapter():
+            self.base = torch.stack([self._loss(b, None) for b in self.blocks]).detach()  # (T,)
+
+    def _blocks(self, tokenizer, texts: list[str], tokens: int, block_size: int) -> list[Tensor]:
+        ids = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"][:tokens]
+        if len(ids) < 2:
+            raise FusionError("a task's demonstrations have fewer than 2 tokens")
+        ids = torch.tensor(ids)
+        blocks = [ids[s : s + block_size] for s in range(0, len(ids), block_size)]
+        blocks = [b for b in blocks if len(b) >= 2]
+        cached = []
+        for b in blocks:  # (1, L) token ids, and the frozen prefix's output for them
+            b = b.unsqueeze(0).to(self.device)
+            split = self.prefix.verify(b)  # in full precision, as the scorer checks it
+            with autocast(self.precision, self.device):
+                hidden = self.prefix.hidden(b) if split else None
+            cached.append((b, hidden))
+        return cached
+
+    def _loss(self, blocks: list[tuple[Tensor, Tensor | None]], params: dict[str, Tensor] | None) -> Tensor:
+        total, count = 0.0, 0
+        with autocast(self.precision, self.device):
+            for ids, hidden in blocks:
+                args = (ids, hidden)
+                loss = functional_call(self.wrapper, params, args) if params else self.wrapper(*args)
+                n = ids.shape[1] - 1
+                total, count = total + loss.float() * n, count + n
+        return total / count
+
+    def __call__(self, flat: Tensor) -> Tensor:
+        """(D,) LoRA (with grad) -> (T,) each task's NLL per token divided by the base model's."""
+        state = self.layout.unflatten(flat)
+        params = {self.param_names[k]: v.to(self.device) for k, v in state.items()}
+        return torch.stack([self._loss(b, params) for b in self.blocks]) / self.base
+
+
+class _Loss(nn.Module):
+    """``model``'s causal LM loss on a block, from the cached frozen prefix when there is one."""
+
+    def __init__(self, model: nn.Module, prefix: FrozenPrefix) -> None:
+        super().__init__()
+        self.model = model
+        self._prefix = prefix
+
+    def forward(self, ids: Tensor, hidden: Tensor | None) -> Tensor:
+        if hidden is not None:
+            return self._prefix.loss(hidden, ids)
+        return self.model(input_ids=ids, labels=ids, use_cache=False).loss
+
+
+def objective(relative: Tensor, weights: Tensor, focus: float) -> Tensor:
+    """(T,) relative losses, (T,) weights summing to 1 -> the weighted mean (``focus`` 0) or the
+    smooth maximum focus * log Σ w exp(r / focus), which tends to the worst task as focus -> 0."""
+    if focus == 0:
+        return weights @ relative
+    return focus * torch.logsumexp(relative / focus + weights.log(), 0)
+
+
+class LatentFusion:
+    """Fuses tasks in a trained CVAE's latent space and decodes the fused point.
+
+    Args:
+        cvae: the generator's ``CVAE`` (ICM-LoRA's; eval mode is set here).
+        normalizer: the zoo's normaliser (decoded vectors are normalised LoRAs).
+    """
+
+    def __init__(self, cvae: nn.Module, normalizer) -> None:
+        if not hasattr(cvae, "encode") or not hasattr(cvae, "decode") or not hasattr(cvae, "cond_dim"):
+            raise FusionError("latent fusion needs ICM-LoRA's CVAE (model.generator: icm_lora)")
+        self.cvae, self.normalizer = cvae.eval(), normalizer
+
+    def points(self, conditions: Tensor, own: Tensor | None, latent: str) -> Tensor:
+        """(T, C) scaled conditions and, for ``posterior``, (T, D) own LoRAs -> (T, latent + C) points."""
+        conditions = conditions.float()
+        if latent == "prior":
+            z = torch.zeros(len(conditions), self.cvae.latent_dim)
+        elif own is None:
+            raise FusionError("fusion.latent posterior needs every task's own LoRA: zoo tasks only")
+        else:
+            with torch.no_grad():
+                z, _ = self.cvae.encode(self.normalizer.normalize(own.float()), conditions)
+        return torch.cat([z, conditions], dim=1)
+
+    def decode(self, point: Tensor) -> Tensor:
+        """(latent + C,) -> (D,) un-normalised flat LoRA (differentiable)."""
+        z, c = point[: self.cvae.latent_dim], point[self.cvae.latent_dim :]
+        return self.normalizer.denormalize(self.cvae.decode(z[None], c[None])[0])
+
+    def fuse(self, points: Tensor, spec: FusionSpec, loss: DemoLoss | None = None) -> tuple[Tensor, dict]:
+        """(T, K) points -> (D,) fused LoRA and what was done (the fused point's norm, the demo losses)."""
+        weights = spec.normalized_weights(len(points))
+        start = combine(points, weights, "mean" if spec.rule == "optimize" else spec.rule, spec.density) * spec.scale
+        info: dict = {"weights": weights.tolist()}
+        if spec.rule != "optimize" or spec.steps == 0:
+            with torch.no_grad():
+                return self.decode(start), info
+        if loss is None:
+            raise FusionError("fusion.rule optimize needs the tasks' demonstrations")
+        point = start.clone().requires_grad_(True)
+        opt = torch.optim.Adam([point], lr=spec.lr)
+        best, history = (float("inf"), start.clone()), []
+        for _ in range(spec.steps + 1):
+            relative = loss(self.decode(point))  # (T,)
+            value = objective(relative - 1, weights, spec.focus)
+            history.append(value.item())
+            if value.item() < best[0]:
+                best = (value.item(), point.detach().clone())
+            if len(history) > spec.steps:
+                break
+            opt.zero_grad()
+            value.backward()
+            opt.step()
+        info |= {"demo_objective_start": history[0], "demo_objective_best": best[0], "steps": spec.steps}
+        with torch.no_grad():
+            return self.decode(best[1]), info

@@ -1,0 +1,342 @@
+"""The fusion table: ICM-Fusion against the merges users pick today, on sets of zoo tasks.
+
+    python -m icm_lora.fusion_bench --config experiments/fusion.yaml --ckpt_path .../best.ckpt
+
+For each set of tasks (``fusion_bench.sets``: pairs, sets of 4 across families and within one, 8,
+all), every method fuses the tasks' adapters into one, which is scored on each task's text:
+
+- ICM-Fusion's latent rules (``fusion_bench.fusions``: label -> grid of ``fusion.*`` settings);
+- the data-free merges of the tasks' own LoRAs (``fusion_bench.merges``: method -> grid of ``merge.*``
+  settings), PEFT's ``add_weighted_adapter`` types among them;
+- a LoRA trained on the union of the set's training text (``union_steps`` per task, capped at
+  ``union_max_steps``), the reference a data-free method tries to approach;
+- each task's own LoRA (the per-task ceiling) and the base model.
+
+Retention of a task is the share of its own LoRA's gain over the base model, in NLL per token, that
+the fused adapter keeps (1: all of it, 0: none, negative: worse than the base model). Every method's
+settings are chosen on the tasks' validation text (the first setting of a grid is the method's
+default; each grid is the same size for every method, ICM-Fusion's included), and reported on their
+test text, at its defaults and tuned. Sets resume: a finished set's rows are kept in
+``<output>_runs/<set>.json``. Writes ``<output>.md`` and ``<output>.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from icm_lora import base, files, hardware
+from icm_lora.baselines import gap_closed
+from icm_lora.cli import Trainer
+from icm_lora.data import ZooDataModule
+from icm_lora.evaluate import LiveAdapter, Score, TextScorer
+from icm_lora.fuse import FuseCLI, load_generator
+from icm_lora.fusion import DemoLoss, FusionError, FusionSpec, LatentFusion
+from icm_lora.merge import MergeSpec, delta_weights, factorize, merge, module_names, peft_merge
+from icm_lora.system import ICMLoRA
+from icm_lora.tasks import Task, slug
+from icm_lora.zoo import LoRASpec, Zoo, lora_layout
+from icm_lora.zoo_build import build
+
+
+@dataclass
+class FusionSet:
+    """Tasks fused together.
+
+    Args:
+        name: the set's name (in file names).
+        tasks: zoo task names; ``[all]`` is every zoo task.
+        kind: what the set tests (``pair``, ``across`` families, ``within`` one family, ``eight``, ``all``).
+    """
+
+    name: str
+    tasks: list[str]
+    kind: str = ""
+
+
+@dataclass
+class FusionBench:
+    """The fusion benchmark.
+
+    Args:
+        sets: the sets of tasks.
+        fusions: ICM-Fusion's rows: label -> grid of ``FusionSpec`` settings (the first is the default);
+            a ``scale`` of ``T^p`` means (set size) ** p.
+        merges: the baselines' rows: ``MergeSpec.method`` -> grid of its settings (the first: its defaults).
+        union_steps: training steps per task of the set's union LoRA (0: no union LoRA).
+        union_max_steps: cap on the union LoRA's steps.
+        output: path stem of the table and CSV; per-set results go to ``<output>_runs/``.
+    """
+
+    sets: list[FusionSet] = field(default_factory=list)
+    fusions: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    merges: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    union_steps: int = 64
+    union_max_steps: int = 512
+    output: str = "results/fusion"
+
+
+class FusionBenchCLI(FuseCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.add_class_arguments(FusionBench, "fusion_bench")
+
+
+def resolve_scale(value: Any, size: int) -> float:
+    """A number, or ``T^p`` for (set size) ** p."""
+    if isinstance(value, str) and value.startswith("T^"):
+        return float(size) ** float(value[2:])
+    return float(value)
+
+
+def retention(score: Score, base_score: Score, own: Score) -> float:
+    return gap_closed(score.nll / score.tokens, base_score.nll / base_score.tokens, own.nll / own.tokens)
+
+
+class Bench:
+    """Runs the benchmark from a parsed ``FusionBenchCLI``."""
+
+    def __init__(self, cli: FusionBenchCLI) -> None:
+        self.cli, self.spec = cli, cli.config_init["fusion_bench"]
+        self.dm: ZooDataModule = cli.datamodule
+        self.dm.setup("predict")
+        self.tasks = {t.name: t for t in self.dm.tasks}
+        if not cli.config.ckpt_path:
+            raise FusionError("the fusion benchmark needs --ckpt_path (the generator, fit on this config)")
+        self.system = load_generator(cli.model, cli.config.ckpt_path)
+        self.fusion = LatentFusion(self.system.cvae, self.dm.normalizer)
+        self.out = Path(self.spec.output)
+        self.runs = self.out.parent / f"{self.out.name}_runs"
+        shapes = {seg.name: seg.shape for seg in self.dm.layout.segments}
+        # Full rank of the widest module: exact for any merged update (TIES on ΔW is full rank).
+        self.rank = max(min(shapes[m + ".lora_B.weight"][0], shapes[m + ".lora_A.weight"][1])
+                        for m in module_names(self.dm.layout))
+        ev = cli.config.eval
+        config = base.load_config(self.dm.base_model, self.dm.cache_dir)
+        scoring, self.tokenizer = base.load(self.dm.base_model, self.dm.cache_dir)
+        wide = LoRASpec(r=self.rank, lora_alpha=self.rank, target_modules=list(self.dm.lora.target_modules),
+                        layers_to_transform=self.dm.lora.layers_to_transform)
+        self.wide_layout = lora_layout(config, wide)  # every adapter is scored as rank-`rank` factors, scaling 1
+        self.live = LiveAdapter(scoring.to(self.dm.device), wide.peft_config(), self.wide_layout)
+        self.scorer = TextScorer(self.live.model, self.tokenizer, ev.block_size, ev.batch_size, ev.precision)
+        zoo_model, _ = base.load(self.dm.base_model, self.dm.cache_dir)  # the zoo's structure: PEFT merges, demos
+        self.zoo_model = zoo_model.to(self.dm.device)
+        self.zoo_live = LiveAdapter(self.zoo_model, self.dm.lora.peft_config(), self.dm.layout)
+        self.precision = hardware.resolve_precision(ev.precision, self.dm.device)
+        self._scores: dict[str, dict] = {}  # task -> split -> base / own -> Score
+
+    def members(self, s: FusionSet) -> list[str]:
+        names = self.dm.task_names if s.tasks == ["all"] else s.tasks
+        unknown = [n for n in names if n not in self.dm.task_names]
+        if unknown:
+            raise FusionError(f"fusion_bench set {s.name!r}: {unknown} are not zoo tasks")
+        return list(names)
+
+    # ---- adapters -> scores ---------------------------------------------------------------------
+    def widen(self, adapter: Tensor | dict[str, Tensor]) -> Tensor:
+        """A zoo-layout flat LoRA or a per-module ΔW -> the scorer's rank-``rank`` flat vector (exact)."""
+        deltas = delta_weights(adapter, self.dm.layout, self.dm.lora) if isinstance(adapter, Tensor) else adapter
+        state, rank = factorize(deltas)
+        if rank > self.rank:
+            raise FusionError(f"a fused update of rank {rank} exceeds the scorer's rank {self.rank}")
+        wide = {}
+        for seg in self.wide_layout.segments:
+            t = torch.zeros(seg.shape)
+            part = state[seg.name]
+            t[: part.shape[0], : part.shape[1]] = part
+            wide[seg.name] = t
+        return self.wide_layout.flatten(wide)
+
+    def score(self, wide: Tensor | None, name: str, split: str) -> Score:
+        """One task's score on its ``split`` text with a widened adapter (None: the base model)."""
+        task = self.tasks[name]
+        with self.live.use(wide):
+            return self.scorer.score(task.val if split == "val" else task.test)
+
+    def reference(self, names: list[str]) -> dict:
+        """split -> base / own -> task -> Score (each computed once per process)."""
+        for n in names:
+            if n not in self._scores:
+                own = self.widen(self.dm.zoo.final(n))
+                self._scores[n] = {split: {"base": self.score(None, n, split), "own": self.score(own, n, split)}
+                                   for split in ("val", "test")}
+        return {split: {who: {n: self._scores[n][split][who] for n in names} for who in ("base", "own")}
+                for split in ("val", "test")}
+
+    def evaluate(self, adapter, names: list[str], split: str, reference: dict) -> dict:
+        """Per task retention, ppl and bpc of one fused adapter on ``split`` text."""
+        wide = self.widen(adapter)
+        per_task = {}
+        for n in names:
+            s = self.score(wide, n, split)
+            per_task[n] = {"retention": retention(s, reference[split]["base"][n], reference[split]["own"][n]),
+                           "ppl": s.ppl, "bpc": s.bpc}
+        return per_task
+
+    # ---- methods ---------------------------------------------------------------------------------
+    def fused(self, names: list[str], settings: dict) -> Tensor:
+        spec = FusionSpec(**{k: v for k, v in settings.items() if k != "scale"},
+                          scale=resolve_scale(settings.get("scale", 1.0), len(names)))
+        idx = [self.dm.task_names.index(n) for n in names]
+        own = torch.stack([self.dm.zoo.final(n) for n in names]) if spec.latent == "posterior" else None
+        points = self.fusion.points(self.dm.conditions[idx], own, spec.latent)
+        loss = None
+        if spec.rule == "optimize" and spec.steps:
+            loss = DemoLoss(self.zoo_live.model, self.tokenizer, self.dm.layout, [self.tasks[n].demos for n in names],
+                            spec.demo_tokens, spec.block_size, self.precision)
+        torch.manual_seed(spec.seed)
+        flat, _ = self.fusion.fuse(points, spec, loss)
+        return flat.detach().float().cpu()
+
+    def merged(self, names: list[str], method: str, settings: dict) -> dict[str, Tensor]:
+        spec = MergeSpec(method=method, **{k: v for k, v in settings.items() if k != "scale"},
+                         scale=resolve_scale(settings.get("scale", 1.0), len(names)))
+        flats = [self.dm.zoo.final(n) for n in names]
+        weights = torch.ones(len(names))
+        if method.startswith("peft_"):
+            return peft_merge(self.zoo_live.model, flats, self.dm.layout, self.dm.lora, weights, spec)
+        return merge([delta_weights(f, self.dm.layout, self.dm.lora) for f in flats], weights, spec)
+
+    def union(self, s: FusionSet, names: list[str]) -> Tensor:
+        """A LoRA trained on the union of the set's training text (built once, kept under the zoo)."""
+        steps = min(self.spec.union_steps * len(names), self.spec.union_max_steps)
+        task = Task(f"union-{slug(s.name)}-{steps}steps", "", [d for n in names for d in self.tasks[n].train],
+                    "\n\n".join(self.tasks[n].val for n in names), "", [])
+        sources = self.dm.sources()
+        source = {"task": {"union_of": {n: sources[n]["task"] for n in names}}, "text": asdict(self.dm.text)}
+        root = self.dm.zoo_dir / "union"
+        model, _ = base.load(self.dm.base_model, self.dm.cache_dir)  # a bare copy: the builder wraps it in PEFT
+        build(root, model.to(self.dm.device), self.tokenizer, self.dm.base_model, [task], [source], self.dm.lora,
+              replace(self.dm.training, steps=steps, num_checkpoints=1, checkpoint_every=1),
+              eval_block_size=self.cli.config.eval.block_size)
+        return Zoo(root).final(task.name)
+
+    # ---- one set -----------------------------------------------------------------------------------
+    def run_set(self, s: FusionSet) -> list[dict]:
+        names = self.members(s)
+        reference = self.reference(names)
+        candidates: list[tuple[str, str, list[dict], Any]] = []
+        for label, grid in self.spec.fusions.items():
+            candidates.append((label, "ICM-Fusion", grid, lambda st, n=names: self.fused(n, st)))
+        for method, grid in self.spec.merges.items():
+            candidates.append((method, "merge", grid, lambda st, m=method, n=names: self.merged(n, m, st)))
+        rows = []
+        for label, family, grid, make in candidates:
+            start = time.time()
+            val = [self.evaluate(make(st), names, "val", reference) for st in grid or [{}]]
+            means = [statistics.fmean(v[n]["retention"] for n in names) for v in val]
+            best = max(range(len(val)), key=lambda i: means[i])
+            chosen = {"defaults": 0, "tuned": best}
+            tests = {i: self.evaluate(make((grid or [{}])[i]), names, "test", reference) for i in set(chosen.values())}
+            for which, i in chosen.items():
+                rows.append(self.row(s, names, label, family, which, (grid or [{}])[i], tests[i], means[i],
+                                     time.time() - start))
+        if self.spec.union_steps:
+            start = time.time()
+            flat = self.union(s, names)
+            rows.append(self.row(s, names, "union LoRA (trained on the set's text)", "reference", "-", {},
+                                 self.evaluate(flat, names, "test", reference), float("nan"),
+                                 time.time() - start))
+        own_test = {n: {"retention": 1.0, "ppl": reference["test"]["own"][n].ppl, "bpc": reference["test"]["own"][n].bpc}
+                    for n in names}
+        base_test = {n: {"retention": 0.0, "ppl": reference["test"]["base"][n].ppl, "bpc": reference["test"]["base"][n].bpc}
+                     for n in names}
+        rows.append(self.row(s, names, "own LoRA per task (ceiling)", "reference", "-", {}, own_test, 1.0, 0.0))
+        rows.append(self.row(s, names, "base model", "reference", "-", {}, base_test, 0.0, 0.0))
+        return rows
+
+    @staticmethod
+    def row(s: FusionSet, names: list[str], label: str, family: str, which: str, settings: dict, per_task: dict,
+            val_mean: float, seconds: float) -> dict:
+        ret = [per_task[n]["retention"] for n in names]
+        worst = min(range(len(names)), key=lambda i: ret[i])
+        return {"set": s.name, "kind": s.kind, "size": len(names), "method": label, "family": family,
+                "chosen": which, "settings": settings, "val_mean_retention": val_mean,
+                "mean_retention": statistics.fmean(ret), "worst_retention": ret[worst], "worst_task": names[worst],
+                "mean_ppl": statistics.fmean(per_task[n]["ppl"] for n in names),
+                "mean_bpc": statistics.fmean(per_task[n]["bpc"] for n in names),
+                "per_task": {n: per_task[n]["retention"] for n in names}, "seconds": seconds}
+
+    # ---- the whole benchmark ------------------------------------------------------------------------
+    def run(self) -> list[dict]:
+        rows = []
+        for s in self.spec.sets:
+            path = self.runs / f"{slug(s.name)}.json"
+            key = {"tasks": self.members(s), "fusions": self.spec.fusions, "merges": self.spec.merges,
+                   "union_steps": self.spec.union_steps, "union_max_steps": self.spec.union_max_steps,
+                   "checkpoint": str(self.cli.config.ckpt_path)}
+            done = files.read_json(path) if path.exists() else {}
+            if done.get("key") != key:
+                print(f"fusion set {s.name} ({len(key['tasks'])} tasks) ...", flush=True)
+                done = {"key": key, "rows": self.run_set(s)}
+                files.write_json(path, done)
+            rows += done["rows"]
+            self.write(rows)
+        return rows
+
+    def write(self, rows: list[dict]) -> None:
+        markdown, table = format_tables(rows, self.hardware())
+        files.write_text(self.out.with_suffix(".md"), markdown)
+        files.write_text(self.out.with_suffix(".csv"), table)
+        print(markdown)
+
+    def hardware(self) -> str:
+        return (f"Hardware: {hardware.describe(self.dm.device)}, scoring {self.precision}; generator "
+                f"{self.cli.config.ckpt_path}")
+
+
+def format_tables(rows: list[dict], header: str) -> tuple[str, str]:
+    """Markdown (a summary by set size, then every set) and CSV (one row per set, method and choice)."""
+    lines = [f"# Fusion: one adapter for several tasks\n\n{header}\n",
+             "Retention: the share of each task's own-LoRA gain over the base model (NLL per token, test text) "
+             "that the fused adapter keeps. Settings chosen on validation text (`tuned`) or the method's "
+             "defaults.\n", "## Mean retention by set size (tuned; mean over sets, worst task in brackets)\n"]
+    sizes = sorted({r["size"] for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    lines.append("| method | " + " | ".join(f"{k} tasks" for k in sizes) + " |")
+    lines.append("|---|" + "---|" * len(sizes))
+    for m in methods:
+        cells = []
+        for k in sizes:
+            picked = [r for r in rows if r["method"] == m and r["size"] == k and r["chosen"] in ("tuned", "-")]
+            cells.append(f"{statistics.fmean(r['mean_retention'] for r in picked):.2f} "
+                         f"({statistics.fmean(r['worst_retention'] for r in picked):.2f})" if picked else "")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    for name in dict.fromkeys(r["set"] for r in rows):
+        part = [r for r in rows if r["set"] == name]
+        lines += [f"\n## {name} ({part[0]['kind']}, {part[0]['size']} tasks)\n",
+                  "| method | chosen | settings | val mean ret. | mean ret. | worst ret. (task) | mean ppl | mean bpc |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in part:
+            settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items()) or "-"
+            lines.append(f"| {r['method']} | {r['chosen']} | {settings} | {r['val_mean_retention']:.2f} | "
+                         f"{r['mean_retention']:.2f} | {r['worst_retention']:.2f} ({r['worst_task']}) | "
+                         f"{r['mean_ppl']:.2f} | {r['mean_bpc']:.3f} |")
+    buf = io.StringIO()
+    fields = [k for k in rows[0] if k != "per_task"] + ["per_task"]
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    for r in rows:
+        writer.writerow(r | {"settings": repr(r["settings"]), "per_task": repr(r["per_task"])})
+    return "\n".join(lines) + "\n", buf.getvalue()
+
+
+def main(args: list[str] | None = None) -> list[dict]:
+    cli = FusionBenchCLI(ICMLoRA, ZooDataModule, trainer_class=Trainer, run=False, args=args,
+                         save_config_callback=None, parser_kwargs={"prog": "python -m icm_lora.fusion_bench"})
+    try:
+        return Bench(cli).run()
+    except FusionError as err:
+        raise SystemExit(f"icm_lora.fusion_bench: {err}") from None
+
+
+if __name__ == "__main__":
+    main()
