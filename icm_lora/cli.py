@@ -127,6 +127,9 @@ def main(args: list[str] | None = None) -> ICMLoRACLI:
     if argv[:1] == ["fuse"]:  # one adapter for several tasks (not a Trainer method, so not a LightningCLI subcommand)
         from icm_lora.fuse import main as fuse
 
+        if args is None:  # LightningCLI reads sys.argv itself: show it the fuse arguments only
+            sys.argv = [f"{sys.argv[0]} fuse", *argv[1:]]
+            return fuse()
         return fuse(argv[1:])
     try:
         return ICMLoRACLI(ICMLoRA, ZooDataModule, trainer_class=Trainer, args=args,

@@ -20,9 +20,9 @@ Python API: ``fuse_adapters(config, ckpt_path, tasks, ...)`` returns the folder.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -45,6 +45,43 @@ from icm_lora.zoo import ZooMismatch
 METHODS = ("icm_fusion", "merge")
 
 
+@dataclass
+class FusionSet:
+    """Tasks fused together.
+
+    Args:
+        name: the set's name (in file names).
+        tasks: zoo task names; ``[all]`` is every zoo task.
+        kind: what the set tests (``pair``, ``across`` families, ``within`` one family, ``eight``, ``all``).
+    """
+
+    name: str
+    tasks: list[str]
+    kind: str = ""
+
+
+@dataclass
+class FusionBench:
+    """The fusion benchmark.
+
+    Args:
+        sets: the sets of tasks.
+        fusions: ICM-Fusion's rows: label -> grid of ``FusionSpec`` settings (the first is the default);
+            a ``scale`` of ``T^p`` means (set size) ** p.
+        merges: the baselines' rows: ``MergeSpec.method`` -> grid of its settings (the first: its defaults).
+        union_steps: training steps per task of the set's union LoRA (0: no union LoRA).
+        union_max_steps: cap on the union LoRA's steps.
+        output: path stem of the table and CSV; per-set results go to ``<output>_runs/``.
+    """
+
+    sets: list[FusionSet] = field(default_factory=list)
+    fusions: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    merges: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    union_steps: int = 64
+    union_max_steps: int = 512
+    output: str = "results/fusion"
+
+
 class FuseCLI(ICMLoRACLI):
     """The project's CLI with the ``fuse`` arguments; it parses and builds, ``run_fuse`` fuses."""
 
@@ -60,6 +97,7 @@ class FuseCLI(ICMLoRACLI):
         parser.add_argument("--output_dir", type=str, default="generated_adapters/fused")
         parser.add_class_arguments(FusionSpec, "fusion")
         parser.add_class_arguments(MergeSpec, "merge")
+        parser.add_class_arguments(FusionBench, "fusion_bench")  # read by python -m icm_lora.fusion_bench only
 
 
 def load_generator(system: ICMLoRA, ckpt_path: str | Path) -> ICMLoRA:

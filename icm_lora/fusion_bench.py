@@ -22,14 +22,16 @@ test text, at its defaults and tuned. Sets resume: a finished set's rows are kep
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from torch import Tensor
 
@@ -38,56 +40,14 @@ from icm_lora.baselines import gap_closed
 from icm_lora.cli import Trainer
 from icm_lora.data import ZooDataModule
 from icm_lora.evaluate import LiveAdapter, Score, TextScorer
-from icm_lora.fuse import FuseCLI, load_generator
+from icm_lora.fuse import FuseCLI, FusionSet, load_generator
 from icm_lora.fusion import DemoLoss, FusionError, FusionSpec, LatentFusion
 from icm_lora.merge import MergeSpec, delta_weights, factorize, merge, module_names, peft_merge
+from icm_lora.openworld import forget_other_settings, generator_key
 from icm_lora.system import ICMLoRA
 from icm_lora.tasks import Task, slug
 from icm_lora.zoo import LoRASpec, Zoo, lora_layout
 from icm_lora.zoo_build import build
-
-
-@dataclass
-class FusionSet:
-    """Tasks fused together.
-
-    Args:
-        name: the set's name (in file names).
-        tasks: zoo task names; ``[all]`` is every zoo task.
-        kind: what the set tests (``pair``, ``across`` families, ``within`` one family, ``eight``, ``all``).
-    """
-
-    name: str
-    tasks: list[str]
-    kind: str = ""
-
-
-@dataclass
-class FusionBench:
-    """The fusion benchmark.
-
-    Args:
-        sets: the sets of tasks.
-        fusions: ICM-Fusion's rows: label -> grid of ``FusionSpec`` settings (the first is the default);
-            a ``scale`` of ``T^p`` means (set size) ** p.
-        merges: the baselines' rows: ``MergeSpec.method`` -> grid of its settings (the first: its defaults).
-        union_steps: training steps per task of the set's union LoRA (0: no union LoRA).
-        union_max_steps: cap on the union LoRA's steps.
-        output: path stem of the table and CSV; per-set results go to ``<output>_runs/``.
-    """
-
-    sets: list[FusionSet] = field(default_factory=list)
-    fusions: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    merges: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    union_steps: int = 64
-    union_max_steps: int = 512
-    output: str = "results/fusion"
-
-
-class FusionBenchCLI(FuseCLI):
-    def add_arguments_to_parser(self, parser) -> None:
-        super().add_arguments_to_parser(parser)
-        parser.add_class_arguments(FusionBench, "fusion_bench")
 
 
 def resolve_scale(value: Any, size: int) -> float:
@@ -102,19 +62,19 @@ def retention(score: Score, base_score: Score, own: Score) -> float:
 
 
 class Bench:
-    """Runs the benchmark from a parsed ``FusionBenchCLI``."""
+    """Runs the benchmark from a parsed ``FuseCLI`` (``run=False``); without ``--ckpt_path`` it first fits the
+    config's generator on every zoo task (under ``<output>_runs/generator``)."""
 
-    def __init__(self, cli: FusionBenchCLI) -> None:
+    def __init__(self, cli: FuseCLI) -> None:
         self.cli, self.spec = cli, cli.config_init["fusion_bench"]
+        self.out = Path(self.spec.output)
+        self.runs = self.out.parent / f"{self.out.name}_runs"
+        self.ckpt_path = cli.config.ckpt_path or self.train_generator()
         self.dm: ZooDataModule = cli.datamodule
         self.dm.setup("predict")
         self.tasks = {t.name: t for t in self.dm.tasks}
-        if not cli.config.ckpt_path:
-            raise FusionError("the fusion benchmark needs --ckpt_path (the generator, fit on this config)")
-        self.system = load_generator(cli.model, cli.config.ckpt_path)
+        self.system = load_generator(cli.model, self.ckpt_path)
         self.fusion = LatentFusion(self.system.cvae, self.dm.normalizer)
-        self.out = Path(self.spec.output)
-        self.runs = self.out.parent / f"{self.out.name}_runs"
         shapes = {seg.name: seg.shape for seg in self.dm.layout.segments}
         # Full rank of the widest module: exact for any merged update (TIES on ΔW is full rank).
         self.rank = max(min(shapes[m + ".lora_B.weight"][0], shapes[m + ".lora_A.weight"][1])
@@ -132,6 +92,36 @@ class Bench:
         self.zoo_live = LiveAdapter(self.zoo_model, self.dm.lora.peft_config(), self.dm.layout)
         self.precision = hardware.resolve_precision(ev.precision, self.dm.device)
         self._scores: dict[str, dict] = {}  # task -> split -> base / own -> Score
+
+    def train_generator(self) -> str:
+        """The F-VAE: the config's generator fit on every zoo task (reused when trained with the same
+        settings, resumed when interrupted); returns its checkpoint chosen on validation."""
+        folder = self.runs / "generator" / "fit"  # the logger's run folder: checkpoints/ under it
+        cfg = copy.deepcopy(self.cli.config)
+        cfg.trainer.default_root_dir = str(folder)
+        cfg.trainer.logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                              "init_args": {"save_dir": str(self.runs), "name": "generator", "version": "fit"}}
+        key = generator_key(cfg)
+        forget_other_settings(folder, key)
+        done = folder / "done.json"
+        if done.exists():
+            return files.read_json(done)["best"]
+        self.cli.config = cfg
+        self.cli.__dict__.pop("config_dump", None)
+        L.seed_everything(int(cfg.seed_everything or 0))
+        self.cli.instantiate_classes()
+        files.write_json(folder / "generator.json", {"key": key})
+        resume = folder / "checkpoints" / "resume.ckpt"
+        trainer = self.cli.trainer
+        trainer.fit(self.cli.model, datamodule=self.cli.datamodule, ckpt_path=str(resume) if resume.exists() else None)
+        if trainer.interrupted:
+            raise KeyboardInterrupt
+        selector = next(c for c in trainer.checkpoint_callbacks if c.monitor)
+        best = selector.best_model_path or selector.last_model_path
+        if not best:
+            raise FusionError("the generator saved no checkpoint; check trainer.max_epochs and check_val_every_n_epoch")
+        files.write_json(done, {"best": best, "key": key})
+        return best
 
     def members(self, s: FusionSet) -> list[str]:
         names = self.dm.task_names if s.tasks == ["all"] else s.tasks
@@ -272,7 +262,7 @@ class Bench:
             path = self.runs / f"{slug(s.name)}.json"
             key = {"tasks": self.members(s), "fusions": self.spec.fusions, "merges": self.spec.merges,
                    "union_steps": self.spec.union_steps, "union_max_steps": self.spec.union_max_steps,
-                   "checkpoint": str(self.cli.config.ckpt_path)}
+                   "checkpoint": str(self.ckpt_path)}
             done = files.read_json(path) if path.exists() else {}
             if done.get("key") != key:
                 print(f"fusion set {s.name} ({len(key['tasks'])} tasks) ...", flush=True)
@@ -290,7 +280,7 @@ class Bench:
 
     def hardware(self) -> str:
         return (f"Hardware: {hardware.describe(self.dm.device)}, scoring {self.precision}; generator "
-                f"{self.cli.config.ckpt_path}")
+                f"{self.ckpt_path}")
 
 
 def format_tables(rows: list[dict], header: str) -> tuple[str, str]:
@@ -330,7 +320,7 @@ def format_tables(rows: list[dict], header: str) -> tuple[str, str]:
 
 
 def main(args: list[str] | None = None) -> list[dict]:
-    cli = FusionBenchCLI(ICMLoRA, ZooDataModule, trainer_class=Trainer, run=False, args=args,
+    cli = FuseCLI(ICMLoRA, ZooDataModule, trainer_class=Trainer, run=False, args=args,
                          save_config_callback=None, parser_kwargs={"prog": "python -m icm_lora.fusion_bench"})
     try:
         return Bench(cli).run()

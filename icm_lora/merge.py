@@ -63,7 +63,8 @@ class MergeSpec:
         keep: ``tsv_m``: share of each task's singular directions kept (None: 1 / T, the paper's).
         common: ``iso_cts``: share of the summed update's directions kept as the common subspace.
         isotropy: ``iso_cts``: 1 flattens the spectrum to its mean singular value, 0 keeps it.
-        svd_rank: PEFT's ``svd`` types: rank of the merged adapter (None: the sum of the ranks).
+        svd_rank: PEFT's ``svd`` types: rank of the merged adapter (None: PEFT's default, the largest
+            input rank; 0: the sum of the input ranks, which is exact for ``svd``).
         seed: seed of DARE's random drops.
     """
 
@@ -260,7 +261,7 @@ def peft_merge(model: PeftModel, flats: list[Tensor], layout: FlatLayout, spec: 
             state = {k: v.to(next(model.parameters()).device) for k, v in layout.unflatten(flat).items()}
             set_peft_model_state_dict(model, state, adapter_name=name)
         kwargs = {"density": merge_spec.density} if combination not in ("cat", "svd", "linear") else {}
-        if combination.endswith("svd"):
+        if combination.endswith("svd") and merge_spec.svd_rank is not None:
             kwargs["svd_rank"] = merge_spec.svd_rank or spec.r * len(flats)
         torch.manual_seed(merge_spec.seed)  # DARE draws from the global generator
         model.add_weighted_adapter(names, weights.tolist(), "_merged", combination_type=combination, **kwargs)

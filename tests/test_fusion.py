@@ -1,0 +1,220 @@
+"""ICM-Fusion: the latent rules on hand-made cases, ``fuse`` through the real CLI and the Python API,
+its refusals, and the fusion benchmark on the tiny zoo."""
+
+import math
+
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from conftest import ROOT, TINY
+from icm_lora import files, fusion_bench
+from icm_lora.adapter import GENERATION, WEIGHTS
+from icm_lora.cli import main
+from icm_lora.fuse import fuse_adapters
+from icm_lora.fusion import FusionError, FusionSpec, combine, objective
+
+
+def run_paths(tiny_run):
+    ckpt = tiny_run / "lightning_logs" / "version_0" / "checkpoints" / "best.ckpt"
+    return ckpt, ["--config", str(TINY), "--data.zoo_dir", str(tiny_run / "zoo"), "--trainer.logger", "false"]
+
+
+def test_latent_rules_on_a_hand_made_case():
+    points = torch.tensor([[1.0, 2.0, 0.0], [3.0, -2.0, 1.0]])
+    half = torch.tensor([0.5, 0.5])
+    assert combine(points, half, "mean").tolist() == [2.0, 0.0, 0.5]
+    # TIES, nothing trimmed: coordinate 1 elects + (2 x 2 - 2 x 2 = 0 -> ties go to +), only task 0 agrees
+    assert combine(points, half, "ties", density=1.0).tolist() == [2.0, 2.0, 1.0]
+    # PCGrad: a = [1, 0], b = [-1, 1] conflict (a.b = -1): a -> a - (a.b / |b|^2) b = [0.5, 0.5],
+    # b -> b - (b.a / |a|^2) a = [0, 1]; the mean is [0.25, 0.75]
+    conflicting = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
+    assert torch.allclose(combine(conflicting, half, "pcgrad"), torch.tensor([0.25, 0.75]))
+    agreeing = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    assert torch.allclose(combine(agreeing, half, "pcgrad"), combine(agreeing, half, "mean"))  # no conflict, no change
+
+
+def test_the_smooth_maximum_tends_to_the_worst_task():
+    relative = torch.tensor([-0.3, -0.1])
+    weights = torch.tensor([0.5, 0.5])
+    assert objective(relative, weights, 0.0).item() == pytest.approx(-0.2)
+    assert objective(relative, weights, 1e-3).item() == pytest.approx(-0.1, abs=1e-2)
+
+
+def test_fusion_settings_are_checked():
+    with pytest.raises(FusionError, match="fusion.rule must be one of"):
+        FusionSpec(rule="sum")
+    with pytest.raises(FusionError, match="2 values for 3 tasks"):
+        FusionSpec(weights=[1.0, 2.0]).normalized_weights(3)
+    with pytest.raises(FusionError, match="non-negative"):
+        FusionSpec(weights=[1.0, -1.0]).normalized_weights(2)
+    assert FusionSpec(weights=[1.0, 3.0]).normalized_weights(2).tolist() == [0.25, 0.75]
+
+
+def test_fuse_through_the_cli_writes_a_folder_plain_peft_loads(tiny_run, monkeypatch):
+    monkeypatch.chdir(tiny_run)
+    ckpt, common = run_paths(tiny_run)
+    out = tiny_run / "fused"
+    main(["fuse", *common, "--ckpt_path", str(ckpt), "--tasks", "[legal, python]", "--output_dir", str(out),
+          "--fusion.rule", "pcgrad", "--fusion.weights", "[1, 3]"])
+    folder = out / "legal+python"
+    record = files.read_json(folder / GENERATION)
+    assert record["tasks"] == ["legal", "python"] and record["method"] == "icm_fusion"
+    assert record["fusion"]["rule"] == "pcgrad" and record["weights"] == [0.25, 0.75]
+    config = files.read_json(folder / "adapter_config.json")
+    base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"]).eval()
+    ids = torch.tensor([[10, 20, 30, 40]])
+    with torch.no_grad():
+        bare = base(input_ids=ids).logits
+        tuned = PeftModel.from_pretrained(base, folder)(input_ids=ids).logits
+    assert not torch.allclose(bare, tuned)
+
+
+def test_fusing_one_task_is_generating_it(tiny_run, monkeypatch):
+    monkeypatch.chdir(tiny_run)
+    ckpt, common = run_paths(tiny_run)
+    main(["predict", *common, "--ckpt_path", str(ckpt), "--num_samples", "0", "--data.predict_tasks", "[legal]",
+          "--writer.output_dir", str(tiny_run / "one_predicted")])
+    fused = fuse_adapters(TINY, ["legal"], ckpt, output_dir=tiny_run / "one_fused",
+                          overrides=["--data.zoo_dir", str(tiny_run / "zoo")])
+    generated = files.load_tensors(tiny_run / "one_predicted" / "legal" / "sample_00" / WEIGHTS)
+    assert set(files.load_tensors(fused / WEIGHTS)) == set(generated)
+    for name, tensor in files.load_tensors(fused / WEIGHTS).items():
+        assert torch.allclose(tensor, generated[name], atol=1e-6), name
+
+
+def test_merging_one_zoo_task_gives_back_its_own_lora(tiny_run, monkeypatch):
+    monkeypatch.chdir(tiny_run)
+    _, common = run_paths(tiny_run)
+    folder = fuse_adapters(TINY, ["python"], method="merge", output_dir=tiny_run / "merged", name="one",
+                           overrides=["--data.zoo_dir", str(tiny_run / "zoo"), "--merge.method", "tsv_m"])
+    record = files.read_json(folder / GENERATION)
+    assert record["method"] == "merge" and record["merge"]["method"] == "tsv_m"
+    from icm_lora.zoo import Zoo
+
+    zoo = Zoo(tiny_run / "zoo")
+    own = zoo.layout.unflatten(zoo.final("python"))
+    merged = files.load_tensors(folder / WEIGHTS)
+    scale_own, scale_merged = 4 / 2, 1.0  # lora_alpha / r of the zoo; the merged folder's lora_alpha == r
+    assert files.read_json(folder / "adapter_config.json")["lora_alpha"] == record["rank"]
+    for key in own:
+        if key.endswith("lora_A.weight"):
+            m = key.removesuffix(".lora_A.weight")
+            expected = scale_own * own[m + ".lora_B.weight"] @ own[key]
+            got = scale_merged * merged[m + ".lora_B.weight"] @ merged[key]
+            assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_fuse_refuses_bad_input_in_one_line_and_writes_nothing(tiny_run, monkeypatch, tmp_path):
+    monkeypatch.chdir(tiny_run)
+    ckpt, common = run_paths(tiny_run)
+    out = tmp_path / "refused"
+    corrupt = tmp_path / "broken.ckpt"
+    corrupt.write_bytes(ckpt.resolve().read_bytes()[:1000])
+    other_rank = tmp_path / "other_rank"  # a merged folder of rank 6: not the zoo's rank-2 structure
+    fuse_adapters(TINY, ["legal", "python", "mathematics"], method="merge", output_dir=tmp_path, name="other_rank",
+                  overrides=["--data.zoo_dir", str(tiny_run / "zoo")])
+    task_file = tmp_path / "new.yaml"
+    task_file.write_text("name: new\nexamples: ['def f(x):\n    return x', 'import os']\n")
+    cases = [
+        (["--ckpt_path", str(ckpt), "--tasks", "[legal, astrology]"], "'astrology' is neither a zoo task"),
+        (["--ckpt_path", str(ckpt), "--tasks", "[]"], "fuse needs --tasks"),
+        (["--ckpt_path", str(ckpt), "--tasks", "[legal, legal]"], "more than once"),
+        (["--ckpt_path", str(corrupt), "--tasks", "[legal, python]"], "not a readable Lightning checkpoint"),
+        (["--tasks", "[legal, python]"], "needs --ckpt_path"),
+        (["--ckpt_path", str(ckpt), "--tasks", f"[legal, {task_file}]", "--fusion.latent", "posterior"],
+         "zoo tasks only"),
+        (["--method", "merge", "--tasks", f"[legal, {other_rank}]"], "the zoo's layout expects"),
+        (["--method", "merge", "--tasks", f"[legal, {task_file}]"], "a task file has none"),
+        (["--ckpt_path", str(ckpt), "--tasks", f"[legal, {other_rank}]"], "adapter folders go with --method merge"),
+        (["--ckpt_path", str(ckpt), "--tasks", "[legal, python]", "--model.latent_dim", "8"], "another shape"),
+    ]
+    for extra, named in cases:
+        with pytest.raises(SystemExit) as stop:
+            main(["fuse", *common, "--output_dir", str(out), *extra])
+        message = str(stop.value.code)
+        assert message.startswith("icm_lora fuse: ") and named in message and "\n" not in message, message
+    assert not out.exists()
+
+
+def test_optimize_fits_the_fused_point_on_the_demonstrations(tiny_run, monkeypatch):
+    monkeypatch.chdir(tiny_run)
+    ckpt, common = run_paths(tiny_run)
+    folder = fuse_adapters(TINY, ["legal", "python"], ckpt, output_dir=tiny_run / "optimised",
+                           overrides=["--data.zoo_dir", str(tiny_run / "zoo"), "--fusion.rule", "optimize",
+                                      "--fusion.steps", "8", "--fusion.lr", "0.5", "--fusion.precision", "fp32"])
+    record = files.read_json(folder / GENERATION)
+    assert record["demo_objective_best"] < record["demo_objective_start"]  # the steps found a better point
+
+
+def test_demo_loss_swaps_the_lora_in_exactly(tiny_base):
+    from icm_lora.evaluate import LiveAdapter
+    from icm_lora.fusion import DemoLoss
+    from icm_lora.zoo import LoRASpec, lora_layout
+
+    model, tokenizer, _ = tiny_base
+    spec = LoRASpec(r=2, lora_alpha=4, layers_to_transform=[1])
+    layout = lora_layout(model.config, spec)
+    import copy
+
+    live = LiveAdapter(copy.deepcopy(model), spec.peft_config(), layout)
+    demos = [["alpha beta gamma delta " * 8], ["one two three four " * 8]]
+    loss = DemoLoss(live.model, tokenizer, layout, demos, tokens=48, block_size=16, precision="fp32")
+    assert torch.allclose(loss(torch.zeros(layout.dim)), torch.ones(2))  # a zero LoRA is the base model
+    flat = torch.randn(layout.dim, generator=torch.Generator().manual_seed(0)) * 0.5
+    flat.requires_grad_(True)
+    relative = loss(flat)
+    live.load(flat.detach())  # the same LoRA loaded the plain way, scored with the full forward
+    ids = tokenizer("\n\n".join(demos[0]), add_special_tokens=False)["input_ids"][:48]
+    blocks = [torch.tensor(ids[s : s + 16])[None] for s in range(0, 48, 16)]
+    with torch.no_grad():
+        nll = sum(live.model(input_ids=b, labels=b).loss * (b.shape[1] - 1) for b in blocks) / sum(
+            b.shape[1] - 1 for b in blocks)
+    assert relative[0].item() * loss.base[0].item() == pytest.approx(nll.item(), rel=1e-4)
+    relative.sum().backward()
+    assert flat.grad is not None and flat.grad.abs().sum() > 0  # gradients reach the LoRA's values
+
+
+def test_fusion_bench_on_the_tiny_zoo(tiny_run, monkeypatch):
+    monkeypatch.chdir(tiny_run)
+    ckpt, common = run_paths(tiny_run)
+    out = tiny_run / "results" / "fusion"
+    args = [*common, "--ckpt_path", str(ckpt), "--fusion_bench.output", str(out),
+            "--fusion_bench.sets", "[{name: pair, kind: pair, tasks: [legal, python]}, {name: all, kind: all, tasks: [all]}]",
+            "--fusion_bench.fusions", '{"ICM-Fusion (mean)": [{rule: mean}, {rule: mean, scale: "T^0.5"}]}',
+            "--fusion_bench.merges", "{task_arithmetic: [{scale: 1.0}, {scale: 0.5}], peft_cat: [{}], iso_cts: [{}]}",
+            "--fusion_bench.union_steps", "2"]
+    rows = fusion_bench.main(args)
+    methods = {r["method"] for r in rows}
+    assert {"ICM-Fusion (mean)", "task_arithmetic", "peft_cat", "iso_cts", "base model",
+            "own LoRA per task (ceiling)", "union LoRA (trained on the set's text)"} <= methods
+    by = {(r["set"], r["method"], r["chosen"]): r for r in rows}
+    for s in ("pair", "all"):
+        ta, cat = by[(s, "task_arithmetic", "defaults")], by[(s, "peft_cat", "defaults")]
+        assert ta["mean_retention"] == pytest.approx(cat["mean_retention"], abs=1e-3)  # PEFT's cat is task arithmetic
+        assert by[(s, "own LoRA per task (ceiling)", "-")]["mean_retention"] == 1.0
+        tuned = by[(s, "task_arithmetic", "tuned")]
+        assert tuned["val_mean_retention"] >= ta["val_mean_retention"]  # chosen on validation, never on test
+    assert by[("all", "iso_cts", "defaults")]["size"] == 3
+    table = out.with_suffix(".md").read_text()
+    assert "## Mean retention by set size" in table and "| ICM-Fusion (mean) |" in table
+    assert out.with_suffix(".csv").read_text().startswith("set,kind,size,method")
+    stamp = (out.parent / "fusion_runs" / "pair.json").stat().st_mtime_ns
+    again = fusion_bench.main(args)  # resumes: finished sets are read back, not recomputed
+    assert (out.parent / "fusion_runs" / "pair.json").stat().st_mtime_ns == stamp
+    assert [r["mean_retention"] for r in again] == [r["mean_retention"] for r in rows]
+    assert all(math.isfinite(r["mean_retention"]) for r in rows)
+
+
+def test_fusion_yaml_shares_the_openworld_zoo():
+    fu = yaml.safe_load((ROOT / "experiments" / "fusion.yaml").read_text())
+    ow = yaml.safe_load((ROOT / "experiments" / "openworld.yaml").read_text())
+    for key in ("zoo_dir", "base_model", "tasks", "text", "lora", "training", "condition", "normalization"):
+        assert fu["data"][key] == ow["data"][key], key  # the same zoo entries and conditions, never a rebuild
+    names = {t["name"] for t in fu["data"]["tasks"]}
+    for s in fu["fusion_bench"]["sets"]:
+        assert s["tasks"] == ["all"] or set(s["tasks"]) <= names, s["name"]
+    sizes = {len(grid) for grid in [*fu["fusion_bench"]["fusions"].values(), *fu["fusion_bench"]["merges"].values()]}
+    assert sizes == {3}  # every method gets the same validation budget
