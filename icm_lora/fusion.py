@@ -70,9 +70,9 @@ class FusionSpec:
     weights: list[float] | None = None
     scale: float = 1.0
     density: float = 0.5
-    steps: int = 30
+    steps: int = 20
     lr: float = 0.05
-    demo_tokens: int = 256
+    demo_tokens: int = 128
     block_size: int = 128
     focus: float = 0.0
     precision: str = "auto"

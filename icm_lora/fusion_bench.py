@@ -229,6 +229,8 @@ class Bench:
             for which, i in chosen.items():
                 rows.append(self.row(s, names, label, family, which, (grid or [{}])[i], tests[i], means[i],
                                      time.time() - start))
+            print(f"  {label}: validation mean retention {', '.join(f'{m:.3f}' for m in means)}; test "
+                  f"{rows[-1]['mean_retention']:.3f} (tuned) ({time.time() - start:.0f} s)", flush=True)
         if self.spec.union_steps:
             start = time.time()
             flat = self.union(s, names)
