@@ -206,7 +206,7 @@ def run_icm_fusion(dm: ZooDataModule, system: ICMLoRA, items: list[str], spec: F
             model, tokenizer = base.load(dm.base_model, dm.cache_dir)
         live = LiveAdapter(model.to(system.device), dm.lora.peft_config(), dm.layout)
         loss = DemoLoss(live.model, tokenizer, dm.layout, demos, spec.demo_tokens, spec.block_size,
-                        resolve_precision(spec.precision, live.device))
+                        resolve_precision(spec.precision, live.device), own=own)
     torch.manual_seed(spec.seed)
     flat, info = fusion.fuse(points, spec, loss)
     return names, flat.detach().float().cpu(), {"method": "icm_fusion", "fusion": asdict(spec)} | info

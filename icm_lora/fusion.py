@@ -12,10 +12,11 @@ a LoRA of the zoo's structure:
 - ``pcgrad``: each task's vector loses its component along every other task's vector it points
   against (PCGrad's projection), then the weighted mean;
 - ``optimize``: start from the weighted mean and take ``steps`` Adam steps on (z, c) through the
-  decoder and the base model, against the tasks' in-context demonstrations: each task's loss is its
-  mean NLL per token relative to the base model's, so a task with little text counts as much as one
-  with much, and ``focus`` > 0 replaces the weighted mean of those losses by their smooth maximum
-  (temperature ``focus``), which up-weights the task that lags (the tail task).
+  decoder and the base model, against the tasks' in-context demonstrations: each task's loss is the
+  share of its own LoRA's gain over the base model that the decoded adapter misses on them (``DemoLoss``),
+  so a task with little text counts as much as one with much, and ``focus`` > 0 replaces the weighted
+  mean of those losses by their smooth maximum (temperature ``focus``), which up-weights the task
+  that lags (the tail task).
 
 ``scale`` multiplies the combined (z, c) before decoding (the latent counterpart of task
 arithmetic's lambda; a mean of T roughly orthogonal conditions is shorter than any of them).
@@ -71,8 +72,8 @@ class FusionSpec:
     scale: float = 1.0
     density: float = 0.5
     steps: int = 20
-    lr: float = 0.05
-    demo_tokens: int = 128
+    lr: float = 0.01
+    demo_tokens: int = 256
     block_size: int = 128
     focus: float = 0.0
     precision: str = "auto"
@@ -124,7 +125,10 @@ class DemoLoss:
     The LoRA's tensors are swapped into ``model``'s adapter for the call (``torch.func.functional_call``),
     so gradients reach whatever produced them (the generator's latent point). The frozen layers below
     the adapted ones run once per block (``FrozenPrefix``), and each task's base-model loss is computed
-    once: ``__call__`` returns each task's NLL per token over the base model's.
+    once, with each task's own LoRA's where it is given. ``__call__`` returns each task's *lag*: where
+    its own LoRA beats the base model on the demonstrations, (NLL - own) / (base - own), the share of
+    the own LoRA's gain that the adapter misses (1 - retention: 0 at the own LoRA, 1 at the base
+    model), so every task's loss is on the scale the fusion is judged by; elsewhere NLL / base.
 
     Args:
         model: a PeftModel with the zoo's LoRA structure (its active adapter is the one swapped).
@@ -134,10 +138,11 @@ class DemoLoss:
         tokens: tokens of each task's demonstrations used.
         block_size: tokens per block.
         precision: ``bf16`` or ``fp32`` (resolved).
+        own: per task, its own LoRA (flat, zoo layout) or None (a task outside the zoo).
     """
 
     def __init__(self, model: PeftModel, tokenizer, layout: FlatLayout, demos: list[list[str]], tokens: int,
-                 block_size: int, precision: str) -> None:
+                 block_size: int, precision: str, own: list[Tensor | None] | None = None) -> None:
         self.model, self.layout, self.precision = model, layout, precision
         self.device = next(model.parameters()).device
         adapter = model.active_adapter
@@ -154,6 +159,12 @@ class DemoLoss:
         self.wrapper = _Loss(model, self.prefix)
         with torch.no_grad(), model.disable_adapter():
             self.base = torch.stack([self._loss(b, None) for b in self.blocks]).detach()  # (T,)
+        own = own or [None] * len(self.blocks)
+        with torch.no_grad():
+            self.own = torch.stack([self.nll_of(b, o) if o is not None else torch.tensor(float("nan"))
+                                    for b, o in zip(self.blocks, own)])  # (T,), NaN: no own LoRA
+        self.judged = (self.base - self.own) > 0.01 * self.base  # tasks whose own LoRA clearly helps here (NaN: no)
+        self.own = torch.where(self.judged, self.own, self.base - 1.0)  # finite everywhere, so gradients stay finite
 
     def _blocks(self, tokenizer, texts: list[str], tokens: int, block_size: int) -> list[Tensor]:
         ids = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"][:tokens]
@@ -181,11 +192,23 @@ class DemoLoss:
                 total, count = total + loss.float() * n, count + n
         return total / count
 
-    def __call__(self, flat: Tensor) -> Tensor:
-        """(D,) LoRA (with grad) -> (T,) each task's NLL per token divided by the base model's."""
+    def _params(self, flat: Tensor) -> dict[str, Tensor]:
         state = self.layout.unflatten(flat)
-        params = {self.param_names[k]: v.to(self.device) for k, v in state.items()}
-        return torch.stack([self._loss(b, params) for b in self.blocks]) / self.base
+        return {self.param_names[k]: v.to(self.device) for k, v in state.items()}
+
+    def nll_of(self, blocks, flat: Tensor) -> Tensor:
+        return self._loss(blocks, self._params(flat))
+
+    def nll(self, flat: Tensor) -> Tensor:
+        """(D,) LoRA (with grad) -> (T,) each task's NLL per token on its demonstrations."""
+        params = self._params(flat)
+        return torch.stack([self._loss(b, params) for b in self.blocks])
+
+    def __call__(self, flat: Tensor) -> Tensor:
+        """(D,) LoRA (with grad) -> (T,) each task's lag (see the class docstring; 1 at the base model)."""
+        nll = self.nll(flat)
+        lag = (nll - self.own) / (self.base - self.own)
+        return torch.where(self.judged, lag, nll / self.base)
 
 
 class _Loss(nn.Module):
@@ -202,12 +225,12 @@ class _Loss(nn.Module):
         return self.model(input_ids=ids, labels=ids, use_cache=False).loss
 
 
-def objective(relative: Tensor, weights: Tensor, focus: float) -> Tensor:
-    """(T,) relative losses, (T,) weights summing to 1 -> the weighted mean (``focus`` 0) or the
-    smooth maximum focus * log Σ w exp(r / focus), which tends to the worst task as focus -> 0."""
+def objective(lag: Tensor, weights: Tensor, focus: float) -> Tensor:
+    """(T,) per-task losses, (T,) weights summing to 1 -> the weighted mean (``focus`` 0) or the
+    smooth maximum focus * log Σ w exp(lag / focus), which tends to the worst task as focus -> 0."""
     if focus == 0:
-        return weights @ relative
-    return focus * torch.logsumexp(relative / focus + weights.log(), 0)
+        return weights @ lag
+    return focus * torch.logsumexp(lag / focus + weights.log(), 0)
 
 
 class LatentFusion:
@@ -254,8 +277,8 @@ class LatentFusion:
         opt = torch.optim.Adam([point], lr=spec.lr)
         best, history = (float("inf"), start.clone()), []
         for _ in range(spec.steps + 1):
-            relative = loss(self.decode(point))  # (T,)
-            value = objective(relative - 1, weights, spec.focus)
+            lag = loss(self.decode(point))  # (T,)
+            value = objective(lag, weights, spec.focus)
             history.append(value.item())
             if value.item() < best[0]:
                 best = (value.item(), point.detach().clone())

@@ -181,7 +181,8 @@ class Bench:
         loss = None
         if spec.rule == "optimize" and spec.steps:
             loss = DemoLoss(self.zoo_live.model, self.tokenizer, self.dm.layout, [self.tasks[n].demos for n in names],
-                            spec.demo_tokens, spec.block_size, self.precision)
+                            spec.demo_tokens, spec.block_size, self.precision,
+                            own=[self.dm.zoo.final(n) for n in names])
         torch.manual_seed(spec.seed)
         flat, _ = self.fusion.fuse(points, spec, loss)
         return flat.detach().float().cpu()

@@ -175,6 +175,17 @@ def test_demo_loss_swaps_the_lora_in_exactly(tiny_base):
     assert relative[0].item() * loss.base[0].item() == pytest.approx(nll.item(), rel=1e-4)
     relative.sum().backward()
     assert flat.grad is not None and flat.grad.abs().sum() > 0  # gradients reach the LoRA's values
+    assert torch.isfinite(flat.grad).all()
+
+    # With the tasks' own LoRAs, the loss is the share of the own LoRA's gain missed: 0 at the own LoRA.
+    own = [flat.detach(), None]
+    judged = DemoLoss(live.model, tokenizer, layout, demos, tokens=48, block_size=16, precision="fp32", own=own)
+    lag = judged(flat.detach())
+    if judged.judged[0]:  # this random LoRA beats the base model on task 0's demonstrations
+        assert lag[0].item() == pytest.approx(0.0, abs=1e-5)
+    else:  # it does not: task 0 is judged relative to the base model, as a task without an own LoRA
+        assert lag[0].item() == pytest.approx(relative[0].item(), rel=1e-5)
+    assert torch.allclose(judged(torch.zeros(layout.dim)), torch.ones(2))  # the base model misses all of it
 
 
 def test_fusion_bench_on_the_tiny_zoo(tiny_run, monkeypatch):
