@@ -158,16 +158,21 @@ def merged_adapters(dm: ZooDataModule, items: list[str]) -> tuple[list[str], lis
     return names, flats
 
 
+def merge_flats(dm: ZooDataModule, flats: list[Tensor], spec: MergeSpec, model=None) -> dict[str, Tensor]:
+    """(D,) zoo-layout LoRAs, weight 1 each -> the merged per-module ΔW; PEFT's types run on ``model``
+    (a PeftModel of the zoo's structure; default: a skeleton with uninitialised base weights)."""
+    weights = torch.ones(len(flats))
+    if spec.method.startswith("peft_"):
+        model = model or skeleton(base.load_config(dm.base_model, dm.cache_dir), dm.lora)
+        return peft_merge(model, flats, dm.layout, dm.lora, weights, spec)
+    return merge([delta_weights(f, dm.layout, dm.lora) for f in flats], weights, spec)
+
+
 def run_merge(dm: ZooDataModule, items: list[str], spec: MergeSpec) -> tuple[list[str], dict[str, Tensor], dict]:
     """The data-free merge of the tasks' adapters: names, the merged per-module ΔW, and what was done."""
     names, flats = merged_adapters(dm, items)
-    weights = torch.ones(len(flats))
-    if spec.method.startswith("peft_"):
-        model = skeleton(base.load_config(dm.base_model, dm.cache_dir), dm.lora)
-        deltas = peft_merge(model, flats, dm.layout, dm.lora, weights, spec)
-    else:
-        deltas = merge([delta_weights(f, dm.layout, dm.lora) for f in flats], weights, spec)
-    return names, deltas, {"method": "merge", "merge": asdict(spec), "weights": weights.tolist()}
+    return names, merge_flats(dm, flats, spec), {"method": "merge", "merge": asdict(spec),
+                                                  "weights": [1.0] * len(flats)}
 
 
 def run_icm_fusion(dm: ZooDataModule, system: ICMLoRA, items: list[str], spec: FusionSpec) -> tuple[list[str], Tensor, dict]:

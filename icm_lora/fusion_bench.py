@@ -40,9 +40,9 @@ from icm_lora.baselines import gap_closed
 from icm_lora.cli import Trainer
 from icm_lora.data import ZooDataModule
 from icm_lora.evaluate import LiveAdapter, Score, TextScorer
-from icm_lora.fuse import FuseCLI, FusionSet, load_generator
+from icm_lora.fuse import FuseCLI, FusionSet, load_generator, merge_flats
 from icm_lora.fusion import DemoLoss, FusionError, FusionSpec, LatentFusion
-from icm_lora.merge import MergeSpec, delta_weights, factorize, merge, module_names, peft_merge
+from icm_lora.merge import MergeSpec, delta_weights, factorize, module_names
 from icm_lora.openworld import forget_other_settings, generator_key
 from icm_lora.system import ICMLoRA
 from icm_lora.tasks import Task, slug
@@ -190,11 +190,7 @@ class Bench:
     def merged(self, names: list[str], method: str, settings: dict) -> dict[str, Tensor]:
         spec = MergeSpec(method=method, **{k: v for k, v in settings.items() if k != "scale"},
                          scale=resolve_scale(settings.get("scale", 1.0), len(names)))
-        flats = [self.dm.zoo.final(n) for n in names]
-        weights = torch.ones(len(names))
-        if method.startswith("peft_"):
-            return peft_merge(self.zoo_live.model, flats, self.dm.layout, self.dm.lora, weights, spec)
-        return merge([delta_weights(f, self.dm.layout, self.dm.lora) for f in flats], weights, spec)
+        return merge_flats(self.dm, [self.dm.zoo.final(n) for n in names], spec, self.zoo_live.model)
 
     def union(self, s: FusionSet, names: list[str]) -> Tensor:
         """A LoRA trained on the union of the set's training text (built once, kept under the zoo)."""
