@@ -13,10 +13,12 @@ all), every method fuses the tasks' adapters into one, which is scored on each t
 - each task's own LoRA (the per-task ceiling) and the base model.
 
 Retention of a task is the share of its own LoRA's gain over the base model, in NLL per token, that
-the fused adapter keeps (1: all of it, 0: none, negative: worse than the base model). Every method's
-settings are chosen on the tasks' validation text (the first setting of a grid is the method's
-default; each grid is the same size for every method, ICM-Fusion's included), and reported on their
-test text, at its defaults and tuned. Sets resume: a finished set's rows are kept in
+the fused adapter keeps (1: all of it, 0: none, negative: worse than the base model); pooled
+retention is the set's summed gain over its own LoRAs' summed gain, which stays stable where one
+task's own LoRA gains little on a short text. Every method's settings are chosen by pooled
+retention on the tasks' validation text (the first setting of a grid is the method's default; each
+grid is the same size for every method, ICM-Fusion's included), and reported on their test text, at
+its defaults and tuned. Sets resume: a finished set's rows are kept in
 ``<output>_runs/<set>.json``. Writes ``<output>.md`` and ``<output>.csv``.
 """
 
@@ -59,6 +61,16 @@ def resolve_scale(value: Any, size: int) -> float:
 
 def retention(score: Score, base_score: Score, own: Score) -> float:
     return gap_closed(score.nll / score.tokens, base_score.nll / base_score.tokens, own.nll / own.tokens)
+
+
+def per_token(score: Score) -> float:
+    return score.nll / score.tokens
+
+
+def pooled(per_task: dict) -> float:
+    """The set's gain over the base model as a share of its own LoRAs' gain (NLL per token summed over
+    tasks): stable where one task's own LoRA gains little, which makes its own retention ratio explode."""
+    return sum(v["gain"] for v in per_task.values()) / sum(v["own_gain"] for v in per_task.values())
 
 
 class Bench:
@@ -167,9 +179,13 @@ class Bench:
         per_task = {}
         for n in names:
             s = self.score(wide, n, split)
-            per_task[n] = {"retention": retention(s, reference[split]["base"][n], reference[split]["own"][n]),
-                           "ppl": s.ppl, "bpc": s.bpc}
+            per_task[n] = self.entry(s, reference[split]["base"][n], reference[split]["own"][n])
         return per_task
+
+    @staticmethod
+    def entry(s: Score, base_score: Score, own: Score) -> dict:
+        return {"retention": retention(s, base_score, own), "ppl": s.ppl, "bpc": s.bpc,
+                "gain": per_token(base_score) - per_token(s), "own_gain": per_token(base_score) - per_token(own)}
 
     # ---- methods ---------------------------------------------------------------------------------
     def fused(self, names: list[str], settings: dict) -> Tensor:
@@ -219,14 +235,14 @@ class Bench:
         for label, family, grid, make in candidates:
             start = time.time()
             val = [self.evaluate(make(st), names, "val", reference) for st in grid or [{}]]
-            means = [statistics.fmean(v[n]["retention"] for n in names) for v in val]
+            means = [pooled(v) for v in val]  # selection: pooled retention on validation text
             best = max(range(len(val)), key=lambda i: means[i])
             chosen = {"defaults": 0, "tuned": best}
             tests = {i: self.evaluate(make((grid or [{}])[i]), names, "test", reference) for i in set(chosen.values())}
             for which, i in chosen.items():
                 rows.append(self.row(s, names, label, family, which, (grid or [{}])[i], tests[i], means[i],
                                      time.time() - start))
-            print(f"  {label}: validation mean retention {', '.join(f'{m:.3f}' for m in means)}; test "
+            print(f"  {label}: validation pooled retention {', '.join(f'{m:.3f}' for m in means)}; test "
                   f"{rows[-1]['mean_retention']:.3f} (tuned) ({time.time() - start:.0f} s)", flush=True)
         if self.spec.union_steps:
             start = time.time()
@@ -234,22 +250,21 @@ class Bench:
             rows.append(self.row(s, names, "union LoRA (trained on the set's text)", "reference", "-", {},
                                  self.evaluate(flat, names, "test", reference), float("nan"),
                                  time.time() - start))
-        own_test = {n: {"retention": 1.0, "ppl": reference["test"]["own"][n].ppl, "bpc": reference["test"]["own"][n].bpc}
-                    for n in names}
-        base_test = {n: {"retention": 0.0, "ppl": reference["test"]["base"][n].ppl, "bpc": reference["test"]["base"][n].bpc}
-                     for n in names}
+        test = reference["test"]
+        own_test = {n: self.entry(test["own"][n], test["base"][n], test["own"][n]) for n in names}
+        base_test = {n: self.entry(test["base"][n], test["base"][n], test["own"][n]) for n in names}
         rows.append(self.row(s, names, "own LoRA per task (ceiling)", "reference", "-", {}, own_test, 1.0, 0.0))
         rows.append(self.row(s, names, "base model", "reference", "-", {}, base_test, 0.0, 0.0))
         return rows
 
     @staticmethod
     def row(s: FusionSet, names: list[str], label: str, family: str, which: str, settings: dict, per_task: dict,
-            val_mean: float, seconds: float) -> dict:
+            val_pooled: float, seconds: float) -> dict:
         ret = [per_task[n]["retention"] for n in names]
         worst = min(range(len(names)), key=lambda i: ret[i])
         return {"set": s.name, "kind": s.kind, "size": len(names), "method": label, "family": family,
-                "chosen": which, "settings": settings, "val_mean_retention": val_mean,
-                "mean_retention": statistics.fmean(ret), "worst_retention": ret[worst], "worst_task": names[worst],
+                "chosen": which, "settings": settings, "val_pooled_retention": val_pooled,
+                "mean_retention": statistics.fmean(ret), "pooled_retention": pooled(per_task), "worst_retention": ret[worst], "worst_task": names[worst],
                 "mean_ppl": statistics.fmean(per_task[n]["ppl"] for n in names),
                 "mean_bpc": statistics.fmean(per_task[n]["bpc"] for n in names),
                 "per_task": {n: per_task[n]["retention"] for n in names}, "seconds": seconds}
@@ -260,7 +275,7 @@ class Bench:
         for s in self.spec.sets:
             path = self.runs / f"{slug(s.name)}.json"
             key = {"tasks": self.members(s), "fusions": self.spec.fusions, "merges": self.spec.merges,
-                   "union_steps": self.spec.union_steps, "union_max_steps": self.spec.union_max_steps,
+                   "union_steps": self.spec.union_steps, "union_max_steps": self.spec.union_max_steps, "selection": "pooled",
                    "checkpoint": str(self.ckpt_path)}
             done = files.read_json(path) if path.exists() else {}
             if done.get("key") != key:
@@ -286,8 +301,9 @@ def format_tables(rows: list[dict], header: str) -> tuple[str, str]:
     """Markdown (a summary by set size, then every set) and CSV (one row per set, method and choice)."""
     lines = [f"# Fusion: one adapter for several tasks\n\n{header}\n",
              "Retention: the share of each task's own-LoRA gain over the base model (NLL per token, test text) "
-             "that the fused adapter keeps. Settings chosen on validation text (`tuned`) or the method's "
-             "defaults.\n", "## Mean retention by set size (tuned; mean over sets, worst task in brackets)\n"]
+             "that the fused adapter keeps; pooled: the set's summed gain over its own LoRAs' summed gain. "
+             "Settings chosen by pooled retention on validation text (`tuned`, 3 settings per method) or the "
+             "method's defaults (the first setting).\n", "## Mean retention by set size (tuned; mean over sets, worst task in brackets)\n"]
     sizes = sorted({r["size"] for r in rows})
     methods = list(dict.fromkeys(r["method"] for r in rows))
     lines.append("| method | " + " | ".join(f"{k} tasks" for k in sizes) + " |")
@@ -302,12 +318,13 @@ def format_tables(rows: list[dict], header: str) -> tuple[str, str]:
     for name in dict.fromkeys(r["set"] for r in rows):
         part = [r for r in rows if r["set"] == name]
         lines += [f"\n## {name} ({part[0]['kind']}, {part[0]['size']} tasks)\n",
-                  "| method | chosen | settings | val mean ret. | mean ret. | worst ret. (task) | mean ppl | mean bpc |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| method | chosen | settings | val pooled ret. | mean ret. | worst ret. (task) | pooled ret. | "
+                  "mean ppl | mean bpc |", "|---|---|---|---|---|---|---|---|---|"]
         for r in part:
             settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items()) or "-"
-            lines.append(f"| {r['method']} | {r['chosen']} | {settings} | {r['val_mean_retention']:.2f} | "
+            lines.append(f"| {r['method']} | {r['chosen']} | {settings} | {r['val_pooled_retention']:.2f} | "
                          f"{r['mean_retention']:.2f} | {r['worst_retention']:.2f} ({r['worst_task']}) | "
+                         f"{r['pooled_retention']:.2f} | "
                          f"{r['mean_ppl']:.2f} | {r['mean_bpc']:.3f} |")
     buf = io.StringIO()
     fields = [k for k in rows[0] if k != "per_task"] + ["per_task"]
