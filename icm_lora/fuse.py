@@ -42,8 +42,6 @@ from icm_lora.system import ICMLoRA
 from icm_lora.tasks import load_task_file, slug
 from icm_lora.zoo import ZooMismatch
 
-METHODS = ("icm_fusion", "merge")
-
 
 @dataclass
 class FusionSet:
@@ -175,9 +173,12 @@ def run_merge(dm: ZooDataModule, items: list[str], spec: MergeSpec) -> tuple[lis
                                                   "weights": [1.0] * len(flats)}
 
 
-def run_icm_fusion(dm: ZooDataModule, system: ICMLoRA, items: list[str], spec: FusionSpec) -> tuple[list[str], Tensor, dict]:
-    """Latent fusion: names, the (D,) fused LoRA in the zoo's layout, and what was done."""
-    names, conditions, own, demos, model, tokenizer = [], [], [], [], None, None
+def run_icm_fusion(dm: ZooDataModule, system: ICMLoRA, items: list[str], spec: FusionSpec,
+                   live: LiveAdapter | None = None, tokenizer=None) -> tuple[list[str], Tensor, dict]:
+    """Latent fusion: names, the (D,) fused LoRA in the zoo's layout, and what was done. ``optimize``
+    runs on ``live`` (a LiveAdapter of the zoo's structure, with its ``tokenizer``) when given, else on
+    a base model loaded here."""
+    names, conditions, own, demos, model = [], [], [], [], None
     for item in items:
         kind = _kind(item, dm)
         if kind == "adapter":
@@ -207,9 +208,10 @@ def run_icm_fusion(dm: ZooDataModule, system: ICMLoRA, items: list[str], spec: F
         if empty:
             raise FusionError(f"fusion.rule optimize fits the fused point on each task's demonstrations; "
                               f"{empty} have none (a task file needs 'examples')")
-        if model is None:
-            model, tokenizer = base.load(dm.base_model, dm.cache_dir)
-        live = LiveAdapter(model.to(system.device), dm.lora.peft_config(), dm.layout)
+        if live is None:
+            if model is None:
+                model, tokenizer = base.load(dm.base_model, dm.cache_dir)
+            live = LiveAdapter(model.to(system.device), dm.lora.peft_config(), dm.layout)
         loss = DemoLoss(live.model, tokenizer, dm.layout, demos, spec.demo_tokens, spec.block_size,
                         resolve_precision(spec.precision, live.device), own=own)
     torch.manual_seed(spec.seed)

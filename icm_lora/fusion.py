@@ -24,17 +24,16 @@ arithmetic's lambda; a mean of T roughly orthogonal conditions is shorter than a
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
 from peft import PeftModel
-from peft.utils.merge_utils import ties as peft_ties
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from icm_lora.evaluate import autocast
 from icm_lora.flat import FlatLayout
+from icm_lora.merge import ties
 from icm_lora.prefix import FrozenPrefix
 
 RULES = ("mean", "ties", "pcgrad", "optimize")
@@ -60,7 +59,7 @@ class FusionSpec:
         lr: ``optimize``: Adam learning rate.
         demo_tokens: ``optimize``: tokens of each task's demonstrations used (from the start).
         block_size: ``optimize``: tokens per block.
-        focus: ``optimize``: 0 minimises the weighted mean of the tasks' relative losses; > 0 their
+        focus: ``optimize``: 0 minimises the weighted mean of the tasks' lags (``DemoLoss``); > 0 their
             smooth maximum at this temperature (the lagging task weighs more).
         precision: ``optimize``: ``auto``, ``bf16`` or ``fp32`` for the base model's forward.
         seed: seed of anything random.
@@ -105,9 +104,8 @@ def combine(points: Tensor, weights: Tensor, rule: str, density: float = 0.5) ->
     if rule == "mean":
         return weights @ points
     if rule == "ties":  # PEFT's TIES (trim, elect, disjoint mean) with weights of mean 1
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="The density .* no pruning will be performed")
-            return peft_ties(list(points), weights * len(points), density)
+        with torch.no_grad():
+            return ties(list(points), weights * len(points), density)
     if rule == "pcgrad":
         projected = points.clone()
         for i in range(len(points)):
@@ -264,7 +262,8 @@ class LatentFusion:
         return self.normalizer.denormalize(self.cvae.decode(z[None], c[None])[0])
 
     def fuse(self, points: Tensor, spec: FusionSpec, loss: DemoLoss | None = None) -> tuple[Tensor, dict]:
-        """(T, K) points -> (D,) fused LoRA and what was done (the fused point's norm, the demo losses)."""
+        """(T, K) points -> (D,) fused LoRA and what was done (the weights; for ``optimize``, the demonstration
+        objective at the start and at the best step)."""
         weights = spec.normalized_weights(len(points))
         start = combine(points, weights, "mean" if spec.rule == "optimize" else spec.rule, spec.density) * spec.scale
         info: dict = {"weights": weights.tolist()}

@@ -42,8 +42,8 @@ from icm_lora.baselines import gap_closed
 from icm_lora.cli import Trainer
 from icm_lora.data import ZooDataModule
 from icm_lora.evaluate import LiveAdapter, Score, TextScorer
-from icm_lora.fuse import FuseCLI, FusionSet, load_generator, merge_flats
-from icm_lora.fusion import DemoLoss, FusionError, FusionSpec, LatentFusion
+from icm_lora.fuse import FuseCLI, FusionSet, load_generator, merge_flats, run_icm_fusion
+from icm_lora.fusion import FusionError, FusionSpec
 from icm_lora.merge import MergeSpec, delta_weights, factorize, module_names
 from icm_lora.openworld import forget_other_settings, generator_key
 from icm_lora.system import ICMLoRA
@@ -86,7 +86,6 @@ class Bench:
         self.dm.setup("predict")
         self.tasks = {t.name: t for t in self.dm.tasks}
         self.system = load_generator(cli.model, self.ckpt_path)
-        self.fusion = LatentFusion(self.system.cvae, self.dm.normalizer)
         shapes = {seg.name: seg.shape for seg in self.dm.layout.segments}
         # Full rank of the widest module: exact for any merged update (TIES on ΔW is full rank).
         self.rank = max(min(shapes[m + ".lora_B.weight"][0], shapes[m + ".lora_A.weight"][1])
@@ -104,6 +103,7 @@ class Bench:
         self.zoo_live = LiveAdapter(self.zoo_model, self.dm.lora.peft_config(), self.dm.layout)
         self.precision = hardware.resolve_precision(ev.precision, self.dm.device)
         self._scores: dict[str, dict] = {}  # task -> split -> base / own -> Score
+        self._bare = None  # the base model the union LoRAs are trained on, loaded at the first union
 
     def train_generator(self) -> str:
         """The F-VAE: the config's generator fit on every zoo task (reused when trained with the same
@@ -191,17 +191,7 @@ class Bench:
     def fused(self, names: list[str], settings: dict) -> Tensor:
         spec = FusionSpec(**{k: v for k, v in settings.items() if k != "scale"},
                           scale=resolve_scale(settings.get("scale", 1.0), len(names)))
-        idx = [self.dm.task_names.index(n) for n in names]
-        own = torch.stack([self.dm.zoo.final(n) for n in names]) if spec.latent == "posterior" else None
-        points = self.fusion.points(self.dm.conditions[idx], own, spec.latent)
-        loss = None
-        if spec.rule == "optimize" and spec.steps:
-            loss = DemoLoss(self.zoo_live.model, self.tokenizer, self.dm.layout, [self.tasks[n].demos for n in names],
-                            spec.demo_tokens, spec.block_size, self.precision,
-                            own=[self.dm.zoo.final(n) for n in names])
-        torch.manual_seed(spec.seed)
-        flat, _ = self.fusion.fuse(points, spec, loss)
-        return flat.detach().float().cpu()
+        return run_icm_fusion(self.dm, self.system, names, spec, self.zoo_live, self.tokenizer)[1]
 
     def merged(self, names: list[str], method: str, settings: dict) -> dict[str, Tensor]:
         spec = MergeSpec(method=method, **{k: v for k, v in settings.items() if k != "scale"},
@@ -216,8 +206,9 @@ class Bench:
         sources = self.dm.sources()
         source = {"task": {"union_of": {n: sources[n]["task"] for n in names}}, "text": asdict(self.dm.text)}
         root = self.dm.zoo_dir / "union"
-        model, _ = base.load(self.dm.base_model, self.dm.cache_dir)  # a bare copy: the builder wraps it in PEFT
-        build(root, model.to(self.dm.device), self.tokenizer, self.dm.base_model, [task], [source], self.dm.lora,
+        if self._bare is None:  # a bare copy (the scorers' copies are wrapped in PEFT); build hands it back bare
+            self._bare = base.load(self.dm.base_model, self.dm.cache_dir)[0].to(self.dm.device)
+        build(root, self._bare, self.tokenizer, self.dm.base_model, [task], [source], self.dm.lora,
               replace(self.dm.training, steps=steps, num_checkpoints=1, checkpoint_every=1),
               eval_block_size=self.cli.config.eval.block_size)
         return Zoo(root).final(task.name)

@@ -194,12 +194,13 @@ def test_fusion_bench_on_the_tiny_zoo(tiny_run, monkeypatch):
     out = tiny_run / "results" / "fusion"
     args = [*common, "--ckpt_path", str(ckpt), "--fusion_bench.output", str(out),
             "--fusion_bench.sets", "[{name: pair, kind: pair, tasks: [legal, python]}, {name: all, kind: all, tasks: [all]}]",
-            "--fusion_bench.fusions", '{"ICM-Fusion (mean)": [{rule: mean}, {rule: mean, scale: "T^0.5"}]}',
+            "--fusion_bench.fusions", '{"ICM-Fusion (mean)": [{rule: mean}, {rule: mean, scale: "T^0.5"}], '
+            '"ICM-Fusion (optimise)": [{rule: optimize, steps: 2, precision: fp32}]}',
             "--fusion_bench.merges", "{task_arithmetic: [{scale: 1.0}, {scale: 0.5}], peft_cat: [{}], iso_cts: [{}]}",
             "--fusion_bench.union_steps", "2"]
     rows = fusion_bench.main(args)
     methods = {r["method"] for r in rows}
-    assert {"ICM-Fusion (mean)", "task_arithmetic", "peft_cat", "iso_cts", "base model",
+    assert {"ICM-Fusion (mean)", "ICM-Fusion (optimise)", "task_arithmetic", "peft_cat", "iso_cts", "base model",
             "own LoRA per task (ceiling)", "union LoRA (trained on the set's text)"} <= methods
     by = {(r["set"], r["method"], r["chosen"]): r for r in rows}
     for s in ("pair", "all"):
