@@ -1,0 +1,131 @@
+"""The LightningModule that trains a detector: from scratch (pretraining) or as a PEFT LoRA on a frozen base.
+
+Loss and decoding cover the task's class channels only (``datamodule.channels``), so a LoRA for one
+category is trained and scored on that category, as COCOeval scores it. Validation and test log
+COCO ``map``, ``map50`` and ``map75`` (pycocotools) of the task's categories.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import lightning as L
+import torch
+from peft import LoraConfig, get_peft_model
+
+from .detector import LORA_TARGETS, Detector, DetectorConfig, decode, load_detector, loss, targets
+from .metrics import coco_map
+
+
+@dataclass
+class DetectorLoRA:
+    """The LoRA trained on a frozen base detector (PEFT's names).
+
+    Args:
+        r: rank.
+        lora_alpha: scaling numerator (``scaling = lora_alpha / r``).
+        target_modules: module names adapted (the encoder's ``q``, ``k``, ``v``, ``o`` and the class head).
+        lora_dropout: dropout on the LoRA input.
+    """
+
+    r: int = 4
+    lora_alpha: int = 8
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    lora_dropout: float = 0.0
+
+    def peft_config(self, base: str | None) -> LoraConfig:
+        return LoraConfig(r=self.r, lora_alpha=self.lora_alpha, target_modules=list(self.target_modules),
+                          lora_dropout=self.lora_dropout, base_model_name_or_path=base)
+
+
+class DetectorSystem(L.LightningModule):
+    """Detector training with COCO metrics on validation and test.
+
+    Args:
+        detector: the shape of a detector trained from scratch (ignored when ``base`` is given).
+        base: folder of a saved detector; with ``lora`` it is frozen and only the LoRA trains.
+        lora: train a PEFT LoRA on ``base`` instead of every weight.
+        lr: peak AdamW learning rate (linear warm-up, cosine decay to 0 over the run).
+        weight_decay: AdamW weight decay.
+        warmup_steps: warm-up steps.
+        box_weight: weight of the box L1 against the focal loss.
+        top_k: detections kept per image when scoring.
+    """
+
+    def __init__(self, detector: DetectorConfig | None = None, base: str | None = None, lora: DetectorLoRA | None = None,
+                 lr: float = 2.0e-3, weight_decay: float = 0.05, warmup_steps: int = 100, box_weight: float = 1.0,
+                 top_k: int = 100) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if lora is not None and base is None:
+            raise ValueError("detector LoRA: give the frozen base detector's folder as base")
+        model = load_detector(base) if base else Detector(detector or DetectorConfig())
+        self.config: DetectorConfig = model.config
+        if lora is not None:
+            model = get_peft_model(model, lora.peft_config(base))
+        else:
+            model.requires_grad_(True)
+        self.model = model
+        self._detections: list[dict] = []
+
+    @property
+    def channels(self) -> list[int]:
+        return self.trainer.datamodule.channels
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model(images)
+
+    def _step(self, batch, stage: str) -> torch.Tensor:
+        images, boxes, labels, index = batch
+        logits, pred = self(images)
+        heat, box, mask = targets(boxes, labels, self.config)
+        ch = self.channels
+        out = loss(logits[:, ch], pred, heat[:, ch].to(logits.device), box.to(pred.device), mask.to(pred.device),
+                   self.hparams.box_weight)
+        self.log_dict({f"{stage}/{k}": v for k, v in out.items()}, batch_size=len(images), prog_bar=stage == "train")
+        if stage != "train":
+            self._collect(logits[:, ch], pred, index, stage)
+        return out["loss"]
+
+    def _collect(self, logits: torch.Tensor, pred: torch.Tensor, index: list[int], stage: str) -> None:
+        split = self.trainer.datamodule.splits["val" if stage == "val" else "test"]
+        channels = torch.tensor(self.channels)
+        for i, p in zip(index, decode(logits, pred, self.config, self.hparams.top_k)):
+            p["labels"] = channels[p["labels"].cpu()]
+            self._detections.extend(split.to_coco(i, {k: v.cpu() for k, v in p.items()}))
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def _log_map(self, stage: str) -> None:
+        split = self.trainer.datamodule.splits[stage]
+        scores = coco_map(split.coco, self._detections, split.category_ids)
+        self._detections = []
+        self.log_dict({f"{stage}/{k}": v for k, v in scores.items()}, prog_bar=stage == "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_map("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_map("test")
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warm = min(self.hparams.warmup_steps, total // 2)
+
+        def schedule(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+                                                   "interval": "step"}}

@@ -1,0 +1,166 @@
+"""Detection: the synthetic COCO dataset, COCOeval identities, the detector, its training and PEFT LoRA."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+
+from icm_lora.detection import shapes
+from icm_lora.detection.data import CocoImages, category_ids, read_coco
+from icm_lora.detection.detector import (
+    LORA_TARGETS,
+    Detector,
+    DetectorConfig,
+    decode,
+    load_detector,
+    save_detector,
+    targets,
+)
+from icm_lora.detection.metrics import coco_map, ground_truth_detections
+from icm_lora.detection.system import DetectorLoRA
+
+ALL = [c.name for c in shapes.CATEGORIES]
+TINY = DetectorConfig(image_size=32, num_classes=16, dim=16, depth=1, heads=2, stem_channels=8, stride=4)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    spec = shapes.ShapesSpec(categories=ALL, image_size=64, images={"train": 12, "val": 6, "test": 6}, seed=3)
+    return shapes.build(tmp_path_factory.mktemp("shapes") / "all", spec)
+
+
+def test_shapes_are_deterministic_coco_and_cover_every_category(dataset, tmp_path):
+    spec = shapes.ShapesSpec(categories=ALL, image_size=64, images={"train": 12, "val": 6, "test": 6}, seed=3)
+    again = shapes.build(tmp_path / "again", spec)
+    for split in shapes.SPLITS:
+        a = json.loads((dataset / "annotations" / f"instances_{split}.json").read_text())
+        b = json.loads((again / "annotations" / f"instances_{split}.json").read_text())
+        assert a == b
+        assert (dataset / a["images"][0]["file_name"]).read_bytes() == (again / b["images"][0]["file_name"]).read_bytes()
+    coco = read_coco(dataset, "train")
+    assert len(coco.getCatIds()) == 16 and len(coco.getImgIds()) == 12
+    assert category_ids(coco, ["red_circle", "brown_octagon"]) == [1, 15]
+    for ann in coco.loadAnns(coco.getAnnIds()):
+        x, y, w, h = ann["bbox"]
+        assert 0 <= x and 0 <= y and x + w <= 64 and y + h <= 64 and w >= 1 and h >= 1
+    with pytest.raises(ValueError, match="not in the dataset"):
+        category_ids(coco, ["unicorn"])
+
+
+def test_shapes_styles_differ_and_tiny_objects_are_tiny():
+    def objects(style):
+        spec = shapes.ShapesSpec(categories=ALL, style=style, images={"train": 1}, seed=0)
+        rng = np.random.default_rng(0)
+        return [shapes.render_image(spec, rng) for _ in range(20)]
+
+    tiny = [max(b[2], b[3]) for _, objs in objects("tiny") for _, b, _ in objs]
+    plain = [max(b[2], b[3]) for _, objs in objects("plain") for _, b, _ in objs]
+    assert max(tiny) <= 8 < np.mean(plain)
+    noisy = np.stack([p for p, _ in objects("noisy")]).astype(float)
+    smooth = np.stack([p for p, _ in objects("plain")]).astype(float)
+    assert np.abs(np.diff(noisy, axis=2)).mean() > 3 * np.abs(np.diff(smooth, axis=2)).mean()
+    with pytest.raises(ValueError, match="unknown or no categories"):
+        shapes.ShapesSpec(categories=["unicorn"])
+    with pytest.raises(ValueError, match="style"):
+        shapes.ShapesSpec(categories=ALL, style="foggy")
+
+
+def test_coco_map_is_one_on_ground_truth_and_shifted_boxes_lose_map75(dataset):
+    coco = read_coco(dataset, "test")
+    ids = category_ids(coco, None)
+    exact = coco_map(coco, ground_truth_detections(coco, ids), ids)
+    assert exact == {"map": 1.0, "map50": 1.0, "map75": 1.0}
+    # 3 px moves a 10-px box to IoU 0.32 and a 24-px box to 0.62: small ones fail both, mid-sized ones 0.75 only.
+    shifted = coco_map(coco, ground_truth_detections(coco, ids, shift=3.0), ids)
+    assert shifted["map75"] < shifted["map50"] < 1.0 and shifted["map"] < shifted["map50"]
+    assert coco_map(coco, [], ids)["map50"] == 0.0
+    swapped = [dict(d, category_id=ids[(ids.index(d["category_id"]) + 1) % len(ids)])
+               for d in ground_truth_detections(coco, ids)]
+    assert coco_map(coco, swapped, ids)["map50"] < 0.1
+
+
+def test_coco_images_scale_boxes_and_back(dataset):
+    split = CocoImages(dataset, "val", [1, 2, 3], image_size=32)  # half the stored size
+    image, boxes, labels, i = split[0]
+    assert image.shape == (3, 32, 32) and 0 <= image.min() and image.max() <= 1
+    anns = split.coco.loadAnns(split.coco.getAnnIds(imgIds=split.image_ids[0], catIds=[1, 2, 3]))
+    assert torch.allclose(boxes, torch.tensor([a["bbox"] for a in anns]).reshape(-1, 4) / 2)
+    assert set(labels.tolist()) <= {0, 1, 2}
+    back = split.to_coco(0, {"boxes": boxes, "scores": torch.ones(len(boxes)), "labels": labels})
+    assert [d["bbox"] for d in back] == pytest.approx([a["bbox"] for a in anns])
+
+
+def test_decode_of_perfect_targets_gives_back_the_boxes(dataset):
+    split = CocoImages(dataset, "test", category_ids(read_coco(dataset, "test"), None), image_size=64)
+    config = DetectorConfig(image_size=64)
+    batch = [split[i] for i in range(len(split))]
+    heat, box, mask = targets([b[1] for b in batch], [b[2] for b in batch], config)
+    logits = torch.where(heat.eq(1), 10.0, -10.0)  # a sure peak at each centre cell
+    dets = []
+    for i, pred in enumerate(decode(logits, box, config)):
+        dets += split.to_coco(i, pred)
+    scores = coco_map(split.coco, dets, split.category_ids)
+    assert scores["map50"] > 0.97 and scores["map75"] > 0.9  # two centres may share a cell
+
+
+def test_detector_round_trips_and_refuses_a_wrong_file(tmp_path):
+    torch.manual_seed(0)
+    model = Detector(TINY).eval()
+    images = torch.rand(2, 3, 32, 32)
+    logits, boxes = model(images)
+    assert logits.shape == (2, 16, 8, 8) and boxes.shape == (2, 4, 8, 8)
+    save_detector(tmp_path / "det", model)
+    again = load_detector(tmp_path / "det")
+    assert torch.equal(again(images)[0], logits)
+    (tmp_path / "det" / "model.safetensors").write_bytes(b"truncated")
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        load_detector(tmp_path / "det")
+    with pytest.raises(FileNotFoundError, match="pretrain it first"):
+        load_detector(tmp_path / "nothing")
+
+
+def test_peft_lora_on_the_detector_saves_and_loads_as_a_standard_folder(tmp_path):
+    torch.manual_seed(0)
+    save_detector(tmp_path / "base", Detector(TINY))
+    model = get_peft_model(load_detector(tmp_path / "base"), DetectorLoRA(r=2).peft_config(str(tmp_path / "base")))
+    for name, p in model.named_parameters():
+        assert p.requires_grad == ("lora_" in name)
+        if "lora_B" in name:
+            torch.nn.init.normal_(p)
+    adapted = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if hasattr(_, "lora_A")}
+    assert adapted == set(LORA_TARGETS)
+    images = torch.rand(1, 3, 32, 32)
+    expected = model(images)[0]
+    model.save_pretrained(tmp_path / "adapter")
+    assert {p.name for p in (tmp_path / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+    loaded = PeftModel.from_pretrained(load_detector(tmp_path / "base"), tmp_path / "adapter")
+    assert torch.allclose(loaded(images)[0], expected, atol=1e-6)
+    assert not torch.allclose(load_detector(tmp_path / "base")(images)[0], expected, atol=1e-3)
+
+
+def test_pretrain_cli_trains_once_then_reuses_the_cached_detector(tmp_path, capsys):
+    from icm_lora.detection.pretrain import main
+
+    args = ["--config", "experiments/shapes.yaml", "--base_dir", str(tmp_path / "base"),
+            "--pretrain.data.root", str(tmp_path / "data"), "--pretrain.data.image_size", "32",
+            "--pretrain.data.shapes.image_size", "32", "--pretrain.data.shapes.images",
+            "{train: 16, val: 8, test: 8}", "--pretrain.data.batch_size", "8",
+            "--pretrain.model.detector", json.dumps(vars(TINY)), "--pretrain.budget.max_steps", "4",
+            "--pretrain.budget.val_every", "2", "--pretrain.budget.precision", "32-true",
+            "--pretrain.budget.accelerator", "cpu"]
+    out = main(args)
+    record = json.loads((out / "pretrain.json").read_text())
+    assert set(record["test"]) == {"test/map", "test/map50", "test/map75"} and record["seconds"] > 0
+    model = load_detector(out)
+    assert model.config == TINY
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(args) == out and "cached" in capsys.readouterr().out
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+    (out / "model.safetensors").write_bytes(b"")
+    with pytest.raises(SystemExit, match="corrupt or truncated"):
+        main(args)
