@@ -183,10 +183,17 @@ COLUMNS = [("task", "task", "{}"), ("base_ppl", "base", "{:.2f}"), ("lora_ppl", 
 
 def format_table(rows: list[dict]) -> tuple[str, str]:
     """Markdown (perplexities; bpc) and CSV (every column) of the per-task rows."""
-    lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    return format_rows(rows, COLUMNS, "gen_ppl")
+
+
+def format_rows(rows: list[dict], columns: list[tuple[str, str, str]], spread: str) -> tuple[str, str]:
+    """Markdown of ``columns`` (key, title, format) and CSV of every key; the ``{spread}_mean`` column
+    shows ``± {spread}_std`` beside it."""
+    lines = ["| " + " | ".join(title for _, title, _ in columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
-        cells = [fmt.format(r[key]) for key, _, fmt in COLUMNS]
-        cells[4] += f" ± {r['gen_ppl_std']:.2f}"
+        cells = []
+        for key, _, fmt in columns:
+            cells.append(fmt.format(r[key]) + (f" ± {fmt.format(r[f'{spread}_std'])}" if key == f"{spread}_mean" else ""))
         lines.append("| " + " | ".join(cells) + " |")
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))

@@ -37,14 +37,17 @@ class Trainer(L.Trainer):
 
 
 class ICMLoRACLI(LightningCLI):
-    """LightningCLI with shapes linked from the zoo, always-on callbacks, and test after fit."""
+    """LightningCLI with shapes linked from the zoo, always-on callbacks, and test after fit.
+
+    A domain's CLI (``icm_lora.detection.cli``) sets its evaluation callback and the validation
+    metric that chooses the checkpoint; everything else is shared.
+    """
+
+    evaluation_class: type = DownstreamEval
+    selection: tuple[str, str] = ("val/gen_ppl_ratio", "min")  # generated over own-LoRA perplexity
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("data.lora_dim", "model.lora_dim", apply_on="instantiate")
-        parser.link_arguments("data.cond_dim", "model.cond_dim", apply_on="instantiate")
-        parser.add_argument("--num_samples", type=int, default=1,
-                            help="adapters decoded per task by predict (0: only the mean decode, z = 0)")
-        parser.link_arguments("num_samples", "model.num_samples")
+        self.add_shared_arguments(parser)
         parser.add_argument("--description", type=str | None, default=None,
                             help="predict: an adapter for the task this sentence describes (a description-"
                                  "conditioned generator: data.condition.kind semantic or description)")
@@ -52,12 +55,20 @@ class ICMLoRACLI(LightningCLI):
         parser.add_argument("--allow_far", type=bool, default=False,
                             help="predict: generate even for a description far from every expert (with a warning)")
         parser.link_arguments("allow_far", "data.allow_far")
-        parser.add_lightning_class_args(DownstreamEval, "eval")
+
+    def add_shared_arguments(self, parser) -> None:
+        """Shape links, ``--num_samples``, the evaluation and writer callbacks, and the two checkpoints."""
+        parser.link_arguments("data.lora_dim", "model.lora_dim", apply_on="instantiate")
+        parser.link_arguments("data.cond_dim", "model.cond_dim", apply_on="instantiate")
+        parser.add_argument("--num_samples", type=int, default=1,
+                            help="adapters decoded per task by predict (0: only the mean decode, z = 0)")
+        parser.link_arguments("num_samples", "model.num_samples")
+        parser.add_lightning_class_args(self.evaluation_class, "eval")
         parser.add_lightning_class_args(AdapterWriter, "writer")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        # Selection: the checkpoint with the best validation ratio of generated to own-LoRA perplexity.
-        parser.set_defaults({"checkpoint.monitor": "val/gen_ppl_ratio", "checkpoint.mode": "min",
-                             "checkpoint.filename": "{epoch}-{val/gen_ppl_ratio:.4f}",
+        monitor, mode = self.selection  # the checkpoint chosen on validation
+        parser.set_defaults({"checkpoint.monitor": monitor, "checkpoint.mode": mode,
+                             "checkpoint.filename": f"{{epoch}}-{{{monitor}:.4f}}",
                              "checkpoint.auto_insert_metric_name": False})
         # Resumption: the state after the latest epoch, overwritten in place (`fit --ckpt_path .../resume.ckpt`).
         parser.add_lightning_class_args(ModelCheckpoint, "resume_checkpoint")
@@ -67,7 +78,7 @@ class ICMLoRACLI(LightningCLI):
     def hardware_line(self) -> str:
         """The machine, and the precision each phase runs in on it (``auto`` resolved)."""
         device = self.trainer.strategy.root_device
-        evaluation = next(c for c in self.trainer.callbacks if isinstance(c, DownstreamEval))
+        evaluation = next(c for c in self.trainer.callbacks if isinstance(c, self.evaluation_class))
         precisions = self.datamodule.precisions() | {
             "scoring": hardware.resolve_precision(evaluation.precision, device),
             "CVAE": self.trainer.precision}
@@ -105,8 +116,8 @@ class ICMLoRACLI(LightningCLI):
         """Wall time of each phase of this run, printed and written to ``out/phases.md``."""
         built = self.datamodule.phase_seconds
         evaluation = self.trainer.callbacks
-        spent = next((c.seconds for c in evaluation if isinstance(c, DownstreamEval)), {})
-        phases = {"base model resolve (GGUF conversion on the first run)": self.datamodule.init_seconds} | built
+        spent = next((c.seconds for c in evaluation if isinstance(c, self.evaluation_class)), {})
+        phases = {self.datamodule.init_phase: self.datamodule.init_seconds} | built
         phases["CVAE training (fit, without its validation evaluations)"] = (
             fit_seconds - sum(built.values()) - spent.get("validation", 0.0))
         phases["downstream validation (every check_val_every_n_epoch)"] = spent.get("validation", 0.0)

@@ -199,6 +199,7 @@ class ZooDataModule(L.LightningDataModule):
         self.predict_description, self.allow_far = predict_description, allow_far
         self.predict_info: dict[str, dict] = {}  # per predicted name: what its condition was made from
         self.phase_seconds: dict[str, float] = {}  # wall time of what `build` built in this run
+        self.init_phase = "base model resolve (GGUF conversion on the first run)"
         # Shapes the generator needs, known before any zoo exists (linked into the model by the CLI).
         start = time.time()
         config = base.load_config(base_model, cache_dir)  # converts a packaged model once

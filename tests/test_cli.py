@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 from conftest import ROOT, TINY
 from icm_lora import files, openworld
 from icm_lora.cli import main
+from icm_lora.detection.cli import main as detection_main
 
 CONFIGS = sorted((ROOT / "experiments").glob("*.yaml"))
 
@@ -27,6 +28,8 @@ def test_every_experiment_yaml_parses(config, capsys):
             openworld.main(["--config", str(config), "--print_config"])
         elif "fusion_bench" in sections:  # fuse and the fusion benchmark
             main(["fuse", "--config", str(config), "--print_config"])
+        elif "pretrain" in sections:  # the detection domain's CLI
+            detection_main(["fit", "--config", str(config), "--print_config"])
         else:
             main(["fit", "--config", str(config), "--print_config"])
     assert exit_info.value.code in (0, None)

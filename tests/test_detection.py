@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -164,3 +165,70 @@ def test_pretrain_cli_trains_once_then_reuses_the_cached_detector(tmp_path, caps
     (out / "model.safetensors").write_bytes(b"")
     with pytest.raises(SystemExit, match="corrupt or truncated"):
         main(args)
+
+
+TINY_YAML = str(Path(__file__).resolve().parent.parent / "experiments" / "tiny_detection.yaml")
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """``python -m icm_lora.detection fit`` on the tiny config: pretraining, zoo, task vectors, CVAE, table."""
+    from icm_lora.detection.cli import main
+
+    run = tmp_path_factory.mktemp("detection_run")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(run)
+        cli = main(["fit", "--config", TINY_YAML])
+    return run, cli
+
+
+def test_fit_through_the_cli_builds_everything_and_writes_the_table(fitted):
+    run, cli = fitted
+    meta = json.loads((run / "zoo/zoo/metadata.json").read_text())
+    assert meta["domain"] == "detection" and set(meta["tasks"]) == {"checker_circle", "pink_lshape", "noisy"}
+    assert all(e["num_checkpoints"] == 4 for e in meta["tasks"].values())
+    assert set(meta["conditions"]["tasks"]) == set(meta["tasks"])
+    log = run / cli.trainer.log_dir
+    table = (log / "detection_test.md").read_text()
+    assert table.count("\n") == 2 + 3 + 1 and "other task's condition" in table
+    assert "base detector" in (log / "phases.md").read_text()
+    assert (log / "checkpoints" / "best.ckpt").exists()
+
+
+def test_predict_writes_peft_folders_that_load_on_the_base_detector(fitted, monkeypatch):
+    from icm_lora.detection.cli import main
+
+    run, cli = fitted
+    monkeypatch.chdir(run)
+    Path("new.yaml").write_text("name: new_lshapes\ndataset: zoo/data/mixed\ncategories: [pink_lshape]\n")
+    best = str(Path(cli.trainer.log_dir) / "checkpoints" / "best.ckpt")
+    main(["predict", "--config", TINY_YAML, "--ckpt_path", best, "--data.predict_tasks", "[checker_circle, new.yaml]"])
+    images = torch.rand(1, 3, 32, 32)
+    base_out = load_detector("zoo/base")(images)[0]
+    for task in ("checker_circle", "new_lshapes"):
+        folder = Path("generated_adapters") / task / "sample_00"
+        model = PeftModel.from_pretrained(load_detector("zoo/base"), folder)
+        assert not torch.allclose(model(images)[0], base_out)
+    generation = json.loads((Path("generated_adapters/new_lshapes/sample_00/generation.json")).read_text())
+    assert generation["demonstrations"]["task"]["categories"] == ["pink_lshape"]
+    Path("bad.yaml").write_text("name: broken\ncategories: [pink_lshape]\n")
+    with pytest.raises(SystemExit, match="needs name, dataset and categories"):
+        main(["predict", "--config", TINY_YAML, "--ckpt_path", best, "--data.predict_tasks", "[bad.yaml]"])
+    with pytest.raises(SystemExit, match="neither a zoo task"):
+        main(["predict", "--config", TINY_YAML, "--ckpt_path", best, "--data.predict_tasks", "[unicorns]"])
+
+
+def test_a_changed_task_makes_test_stop_and_fit_retrain_only_it(fitted, monkeypatch):
+    from icm_lora.detection.cli import main
+
+    run, cli = fitted
+    monkeypatch.chdir(run)
+    best = str(Path(cli.trainer.log_dir) / "checkpoints" / "best.ckpt")
+    before = json.loads(Path("zoo/zoo/metadata.json").read_text())["tasks"]
+    changed = ["--data.training.steps", "7"]
+    with pytest.raises(SystemExit, match="only `fit` builds"):
+        main(["test", "--config", TINY_YAML, "--ckpt_path", best, *changed])
+    moved = ["--data.zoo_dir", "zoo/zoo2", "--trainer.max_epochs", "1"]
+    main(["fit", "--config", TINY_YAML, *moved])  # a second zoo beside the first: the first is untouched
+    assert json.loads(Path("zoo/zoo/metadata.json").read_text())["tasks"] == before
+    assert json.loads(Path("zoo/zoo2/metadata.json").read_text())["tasks"]["noisy"]["hash"] == before["noisy"]["hash"]

@@ -19,6 +19,7 @@ from pycocotools.coco import COCO
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from .detector import DetectorConfig, decode
 from .shapes import ShapesSpec, build
 
 
@@ -90,6 +91,18 @@ class CocoImages(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor, Tensor, int]:
         return self.images[i].float() / 255, self.boxes[i], self.labels[i], i
+
+    def results(self, index: list[int], logits: Tensor, boxes: Tensor, config: DetectorConfig,
+                top_k: int = 100) -> list[dict]:
+        """COCO result dicts of images ``index`` from a detector's raw (B, C, G, G) / (B, 4, G, G) outputs,
+        decoded over the task's channels only."""
+        channels = torch.tensor(self.channels)
+        out = []
+        for i, pred in zip(index, decode(logits[:, channels.to(logits.device)], boxes, config, top_k)):
+            pred = {k: v.cpu() for k, v in pred.items()}
+            pred["labels"] = channels[pred["labels"]]
+            out += self.to_coco(i, pred)
+        return out
 
     def to_coco(self, index: int, pred: dict[str, Tensor]) -> list[dict]:
         """COCO result dicts of one image's decoded predictions, in its original pixels, task channels only."""

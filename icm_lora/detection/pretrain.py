@@ -8,12 +8,15 @@ as the converted base language model is built once; other settings train a new o
 
 from __future__ import annotations
 
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import torch
+import yaml
 from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -46,7 +49,9 @@ class PretrainBudget:
 
 
 def parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m icm_lora.detection.pretrain", default_meta=False)
+    p = ArgumentParser(prog="python -m icm_lora.detection.pretrain", default_meta=False,
+                       description="--config FILE reads base_dir and the pretrain section of an experiment's YAML "
+                                   "(its other sections are the generator's); later arguments override it.")
     p.add_argument("--config", action="config")
     p.add_argument("--base_dir", type=str, default="zoo/detection/base", help="where the pretrained detector is kept")
     p.add_class_arguments(DetectionData, "pretrain.data")
@@ -92,9 +97,25 @@ def pretrain(cfg: Namespace, init: Namespace) -> Path:
     return out
 
 
+def config_sections(path: str) -> dict:
+    """``base_dir`` and ``pretrain`` of an experiment's YAML."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise SystemExit(f"icm_lora.detection.pretrain: {path}: not a readable YAML file ({err})") from None
+    return {k: raw[k] for k in ("base_dir", "pretrain") if k in raw}
+
+
 def main(args: list[str] | None = None) -> Path:
     p = parser()
-    cfg = p.parse_args(args)
+    argv = list(sys.argv[1:] if args is None else args)
+    with tempfile.TemporaryDirectory() as tmp:
+        if "--config" in argv:  # hand the parser only the sections it knows
+            i = argv.index("--config")
+            own = Path(tmp) / "pretrain.yaml"
+            own.write_text(yaml.safe_dump(config_sections(argv[i + 1])), encoding="utf-8")
+            argv[i + 1] = str(own)
+        cfg = p.parse_args(argv)
     L.seed_everything(cfg.pretrain.budget.seed, verbose=False)  # before the detector is initialised
     try:
         return pretrain(cfg, p.instantiate(cfg))

@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from peft import LoraConfig, get_peft_model
 
-from .detector import LORA_TARGETS, Detector, DetectorConfig, decode, load_detector, loss, targets
+from .detector import LORA_TARGETS, Detector, DetectorConfig, load_detector, loss, targets
 from .metrics import coco_map
 
 
@@ -27,14 +27,16 @@ class DetectorLoRA:
         lora_alpha: scaling numerator (``scaling = lora_alpha / r``).
         target_modules: module names adapted (the encoder's ``q``, ``k``, ``v``, ``o`` and the class head).
         lora_dropout: dropout on the LoRA input.
+        init_seed: every task's LoRA starts from this same initialisation, so a zoo is one distribution.
     """
 
     r: int = 4
     lora_alpha: int = 8
     target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     lora_dropout: float = 0.0
+    init_seed: int = 0
 
-    def peft_config(self, base: str | None) -> LoraConfig:
+    def peft_config(self, base: str | None = None) -> LoraConfig:
         return LoraConfig(r=self.r, lora_alpha=self.lora_alpha, target_modules=list(self.target_modules),
                           lora_dropout=self.lora_dropout, base_model_name_or_path=base)
 
@@ -46,7 +48,9 @@ class DetectorSystem(L.LightningModule):
         detector: the shape of a detector trained from scratch (ignored when ``base`` is given).
         base: folder of a saved detector; with ``lora`` it is frozen and only the LoRA trains.
         lora: train a PEFT LoRA on ``base`` instead of every weight.
-        lr: peak AdamW learning rate (linear warm-up, cosine decay to 0 over the run).
+        lr: peak AdamW learning rate (linear warm-up, then ``schedule``).
+        schedule: ``cosine`` (decay to 0 over the run) or ``constant`` (a zoo: the last steps then sample
+            one stationary distribution of adapters).
         weight_decay: AdamW weight decay.
         warmup_steps: warm-up steps.
         box_weight: weight of the box L1 against the focal loss.
@@ -54,16 +58,20 @@ class DetectorSystem(L.LightningModule):
     """
 
     def __init__(self, detector: DetectorConfig | None = None, base: str | None = None, lora: DetectorLoRA | None = None,
-                 lr: float = 2.0e-3, weight_decay: float = 0.05, warmup_steps: int = 100, box_weight: float = 1.0,
-                 top_k: int = 100) -> None:
+                 lr: float = 2.0e-3, schedule: str = "cosine", weight_decay: float = 0.05, warmup_steps: int = 100,
+                 box_weight: float = 1.0, top_k: int = 100) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if schedule not in ("cosine", "constant"):
+            raise ValueError(f"detector training: schedule must be cosine or constant, got {schedule!r}")
         if lora is not None and base is None:
             raise ValueError("detector LoRA: give the frozen base detector's folder as base")
         model = load_detector(base) if base else Detector(detector or DetectorConfig())
         self.config: DetectorConfig = model.config
         if lora is not None:
-            model = get_peft_model(model, lora.peft_config(base))
+            with torch.random.fork_rng():
+                torch.manual_seed(lora.init_seed)
+                model = get_peft_model(model, lora.peft_config(base))
         else:
             model.requires_grad_(True)
         self.model = model
@@ -85,15 +93,9 @@ class DetectorSystem(L.LightningModule):
                    self.hparams.box_weight)
         self.log_dict({f"{stage}/{k}": v for k, v in out.items()}, batch_size=len(images), prog_bar=stage == "train")
         if stage != "train":
-            self._collect(logits[:, ch], pred, index, stage)
+            split = self.trainer.datamodule.splits[stage]
+            self._detections += split.results(index, logits, pred, self.config, self.hparams.top_k)
         return out["loss"]
-
-    def _collect(self, logits: torch.Tensor, pred: torch.Tensor, index: list[int], stage: str) -> None:
-        split = self.trainer.datamodule.splits["val" if stage == "val" else "test"]
-        channels = torch.tensor(self.channels)
-        for i, p in zip(index, decode(logits, pred, self.config, self.hparams.top_k)):
-            p["labels"] = channels[p["labels"].cpu()]
-            self._detections.extend(split.to_coco(i, {k: v.cpu() for k, v in p.items()}))
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
@@ -122,10 +124,12 @@ class DetectorSystem(L.LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warm = min(self.hparams.warmup_steps, total // 2)
 
-        def schedule(step: int) -> float:
+        def factor(step: int) -> float:
             if step < warm:
                 return (step + 1) / warm
+            if self.hparams.schedule == "constant":
+                return 1.0
             return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, factor),
                                                    "interval": "step"}}

@@ -1,0 +1,129 @@
+"""Decode -> load into the base detector -> COCO mAP per task, at validation and test.
+
+The detection counterpart of ``icm_lora.callbacks.DownstreamEval``: one row per task with the bare
+base detector, the task's own LoRA, the soup, generated LoRAs (mean and std over samples z ~ N(0, I)),
+the z = 0 decode and the z = 0 decode with another task's condition (the control). Validation scores
+the z = 0 decode on validation images; ``val/gen_map50_gap`` (own LoRA's mAP50 minus the decode's,
+averaged over tasks) selects checkpoints. The test table goes to ``detection_test.{md,csv}`` beside
+the logs and to TensorBoard.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+
+from .. import files
+from ..callbacks import format_rows
+from ..hardware import resolve_precision
+from .detector import load_detector
+from .evaluate import DetectionScorer
+
+COLUMNS = [("task", "task", "{}"), ("base_map50", "base", "{:.3f}"), ("lora_map50", "own LoRA", "{:.3f}"),
+           ("soup_map50", "soup", "{:.3f}"), ("gen_map50_mean", "generated (mean ± std)", "{:.3f}"),
+           ("gen_z0_map50", "gen z=0", "{:.3f}"), ("swapped_map50", "other task's condition", "{:.3f}"),
+           ("lora_map75", "own mAP75", "{:.3f}"), ("gen_map75_mean", "gen mAP75", "{:.3f}"),
+           ("cosine", "cosine", "{:.3f}")]
+
+
+class DetectionEval(Callback):
+    """Scores generated detector LoRAs against the base detector, own LoRAs and the soup (COCO mAP).
+
+    Args:
+        num_samples: generated adapters per task at test.
+        precision: ``auto``, ``bf16`` or ``fp32`` for scoring forward passes.
+        batch_size: images per forward pass.
+        swap_shift: the control decodes task i with the condition of task (i + swap_shift) mod T.
+        seed: seed for the test samples.
+    """
+
+    def __init__(self, num_samples: int = 3, precision: str = "auto", batch_size: int = 64, swap_shift: int = 1,
+                 seed: int = 0) -> None:
+        self.num_samples, self.precision, self.batch_size = num_samples, precision, batch_size
+        self.swap_shift, self.seed = swap_shift, seed
+        self.scorer: DetectionScorer | None = None
+        self._fixed: dict[tuple, dict] = {}
+        self.seconds: dict[str, float] = {}
+
+    def _setup(self, dm, device: torch.device) -> None:
+        if self.scorer is None:
+            model = load_detector(dm.base_dir).to(device)
+            self.scorer = DetectionScorer(model, dm.lora, dm.layout, resolve_precision(self.precision, device),
+                                          self.batch_size)
+
+    def _score_fixed(self, kind: str, split: str, name: str, flat: Tensor | None, images) -> dict:
+        key = (kind, split, name)
+        if key not in self._fixed:  # base, own and soup do not change while the generator trains
+            self._fixed[key] = self.scorer.score(flat, images)
+        return self._fixed[key]
+
+    def _rows(self, pl_module, dm, split: str, num_samples: int) -> list[dict]:
+        torch.manual_seed(self.seed)
+        means = dm.normalizer.denormalize(pl_module.generate(dm.conditions, 1, mean=True).cpu())[:, 0]  # (T, D)
+        samples = (dm.normalizer.denormalize(pl_module.generate(dm.conditions, num_samples).cpu())
+                   if num_samples else None)  # (T, S, D)
+        swapped = means.roll(-self.swap_shift, dims=0)
+        soup = dm.zoo.soup(dm.task_names)
+        rows = []
+        for t, task in enumerate(dm.task_specs):
+            images = dm.task_split(task, split)
+            base = self._score_fixed("base", split, task.name, None, images)
+            own = self._score_fixed("own", split, task.name, dm.zoo.final(task.name), images)
+            soup_s = self._score_fixed("soup", split, task.name, soup, images)
+            z0 = self.scorer.score(means[t], images)
+            swap = self.scorer.score(swapped[t], images) if len(dm.task_specs) > 1 else z0
+            gens = [self.scorer.score(s, images) for s in samples[t]] if samples is not None else [z0]
+            ckpts = dm.zoo.checkpoints(task.name)
+            rows.append({
+                "task": task.name, "base_map50": base["map50"], "lora_map50": own["map50"],
+                "soup_map50": soup_s["map50"], "gen_map50_mean": statistics.fmean(g["map50"] for g in gens),
+                "gen_map50_std": statistics.pstdev(g["map50"] for g in gens), "gen_z0_map50": z0["map50"],
+                "swapped_map50": swap["map50"], "lora_map75": own["map75"],
+                "gen_map75_mean": statistics.fmean(g["map75"] for g in gens), "base_map75": base["map75"],
+                "lora_map": own["map"], "gen_map_mean": statistics.fmean(g["map"] for g in gens),
+                "cosine": F.cosine_similarity(means[t][None], ckpts, dim=-1).mean().item(),
+            })
+        return rows
+
+    @torch.no_grad()
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        start = time.time()
+        self._evaluate(trainer, pl_module, "val", 0)
+        self.seconds["validation"] = self.seconds.get("validation", 0.0) + time.time() - start
+
+    @torch.no_grad()
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        start = time.time()
+        self._evaluate(trainer, pl_module, "test", self.num_samples)
+        self.seconds["test"] = time.time() - start
+
+    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, split: str, num_samples: int) -> None:
+        dm = trainer.datamodule
+        self._setup(dm, pl_module.device)
+        rows = self._rows(pl_module, dm, split, num_samples)
+        mean_row = {"task": "mean"} | {k: statistics.fmean(r[k] for r in rows) for k in rows[0] if k != "task"}
+        logged = {f"{split}/mean/{k}": v for k, v in mean_row.items() if k != "task"}
+        if split == "val":
+            logged["val/gen_map50_gap"] = mean_row["lora_map50"] - mean_row["gen_z0_map50"]
+        pl_module.log_dict(logged)
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({f"detection/{r['task']}/{split}_{k}": v for r in rows
+                                        for k, v in r.items() if k != "task"}, step=trainer.global_step)
+        markdown, table_csv = format_rows(rows + [mean_row], COLUMNS, "gen_map50")
+        out = Path(trainer.log_dir or ".")
+        files.write_text(out / f"detection_{split}.md", markdown)
+        files.write_text(out / f"detection_{split}.csv", table_csv)
+        experiment = getattr(trainer.logger, "experiment", None)
+        if hasattr(experiment, "add_text"):
+            experiment.add_text(f"detection/{split}_table", markdown, trainer.global_step)
+        if split == "test":
+            print(f"\nPer-task detection test table ({out / 'detection_test.md'}):\n{markdown}")

@@ -1,0 +1,49 @@
+"""COCO mAP of a flat LoRA (or of the bare base detector) on one task's images."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..evaluate import LiveAdapter, autocast
+from ..flat import FlatLayout
+from .data import CocoImages
+from .detector import Detector
+from .metrics import coco_map
+from .system import DetectorLoRA
+
+
+class DetectionScorer:
+    """One base detector wrapped once in PEFT; each flat LoRA is swapped in and scored.
+
+    Args:
+        model: the frozen base detector.
+        lora: the zoo's LoRA structure.
+        layout: the zoo's flat layout.
+        precision: ``bf16`` or ``fp32`` (``auto`` resolved) for the forward passes.
+        batch_size: images per forward pass.
+        top_k: detections kept per image.
+    """
+
+    def __init__(self, model: Detector, lora: DetectorLoRA, layout: FlatLayout, precision: str = "fp32",
+                 batch_size: int = 64, top_k: int = 100) -> None:
+        self.config = model.config
+        self.live = LiveAdapter(model, lora.peft_config(getattr(model, "name_or_path", None)), layout)
+        self.precision, self.batch_size, self.top_k = precision, batch_size, top_k
+
+    @torch.no_grad()
+    def detections(self, flat: Tensor | None, split: CocoImages) -> list[dict]:
+        """COCO result dicts of the task's categories on every image of ``split``."""
+        device, out = self.live.device, []
+        with self.live.use(flat) as model:
+            for start in range(0, len(split), self.batch_size):
+                index = list(range(start, min(start + self.batch_size, len(split))))
+                images = torch.stack([split[i][0] for i in index]).to(device)
+                with autocast(self.precision, device):
+                    logits, boxes = model(images)
+                out += split.results(index, logits, boxes, self.config, self.top_k)
+        return out
+
+    def score(self, flat: Tensor | None, split: CocoImages) -> dict[str, float]:
+        """``{map, map50, map75}`` of ``flat`` (None: the base detector) on ``split``."""
+        return coco_map(split.coco, self.detections(flat, split), split.category_ids)
