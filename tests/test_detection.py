@@ -95,6 +95,16 @@ def test_coco_images_scale_boxes_and_back(dataset):
     assert [d["bbox"] for d in back] == pytest.approx([a["bbox"] for a in anns])
 
 
+def test_draw_boxes_marks_each_detection(dataset):
+    from icm_lora.detection.callbacks import draw_boxes
+
+    split = CocoImages(dataset, "val", [1], image_size=64)
+    plain = draw_boxes(split.original(0), [])
+    boxed = draw_boxes(split.original(0), [{"bbox": [4, 4, 10, 10], "score": 0.9}])
+    assert plain.shape == boxed.shape == (256, 256, 3)
+    assert (boxed[16, 16:56] == [255, 255, 0]).all() and not (plain == boxed).all()
+
+
 def test_decode_of_perfect_targets_gives_back_the_boxes(dataset):
     split = CocoImages(dataset, "test", category_ids(read_coco(dataset, "test"), None), image_size=64)
     config = DetectorConfig(image_size=64)
@@ -178,7 +188,7 @@ def fitted(tmp_path_factory):
     run = tmp_path_factory.mktemp("detection_run")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(run)
-        cli = main(["fit", "--config", TINY_YAML])
+        cli = main(["fit", "--config", TINY_YAML, "--eval.results_dir", "results"])
     return run, cli
 
 
@@ -193,6 +203,8 @@ def test_fit_through_the_cli_builds_everything_and_writes_the_table(fitted):
     assert table.count("\n") == 2 + 3 + 1 and "other task's condition" in table
     assert "base detector" in (log / "phases.md").read_text()
     assert (log / "checkpoints" / "best.ckpt").exists()
+    assert (run / "results/detection.md").read_text().startswith("Detection, per task on test images")
+    assert (run / "results/detection.csv").read_text().startswith("task,base_map50,lora_map50")
 
 
 def test_predict_writes_peft_folders_that_load_on_the_base_detector(fitted, monkeypatch):

@@ -11,18 +11,21 @@ the logs and to TensorBoard.
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
+from PIL import Image, ImageDraw
 from torch import Tensor
 
 from .. import files
 from ..callbacks import format_rows
-from ..hardware import resolve_precision
+from ..hardware import describe, resolve_precision
 from .detector import load_detector
 from .evaluate import DetectionScorer
 
@@ -42,12 +45,16 @@ class DetectionEval(Callback):
         batch_size: images per forward pass.
         swap_shift: the control decodes task i with the condition of task (i + swap_shift) mod T.
         seed: seed for the test samples.
+        results_dir: also write the test table as ``{results_dir}/detection.{md,csv}`` (None: only beside the logs).
+        images_per_task: test images per task drawn to TensorBoard with the boxes of the base detector, the
+            own LoRA and the generated (z = 0) LoRA side by side.
     """
 
     def __init__(self, num_samples: int = 3, precision: str = "auto", batch_size: int = 64, swap_shift: int = 1,
-                 seed: int = 0) -> None:
+                 seed: int = 0, results_dir: str | None = None, images_per_task: int = 4) -> None:
         self.num_samples, self.precision, self.batch_size = num_samples, precision, batch_size
         self.swap_shift, self.seed = swap_shift, seed
+        self.results_dir, self.images_per_task = results_dir, images_per_task
         self.scorer: DetectionScorer | None = None
         self._fixed: dict[tuple, dict] = {}
         self.seconds: dict[str, float] = {}
@@ -66,6 +73,7 @@ class DetectionEval(Callback):
 
     def _rows(self, pl_module, dm, split: str, num_samples: int) -> list[dict]:
         torch.manual_seed(self.seed)
+        self._panels: dict[str, tuple] = {}
         means = dm.normalizer.denormalize(pl_module.generate(dm.conditions, 1, mean=True).cpu())[:, 0]  # (T, D)
         samples = (dm.normalizer.denormalize(pl_module.generate(dm.conditions, num_samples).cpu())
                    if num_samples else None)  # (T, S, D)
@@ -81,6 +89,8 @@ class DetectionEval(Callback):
             swap = self.scorer.score(swapped[t], images) if len(dm.task_specs) > 1 else z0
             gens = [self.scorer.score(s, images) for s in samples[t]] if samples is not None else [z0]
             ckpts = dm.zoo.checkpoints(task.name)
+            if split == "test":
+                self._panels[task.name] = (images, [None, dm.zoo.final(task.name), means[t]])
             rows.append({
                 "task": task.name, "base_map50": base["map50"], "lora_map50": own["map50"],
                 "soup_map50": soup_s["map50"], "gen_map50_mean": statistics.fmean(g["map50"] for g in gens),
@@ -125,5 +135,38 @@ class DetectionEval(Callback):
         experiment = getattr(trainer.logger, "experiment", None)
         if hasattr(experiment, "add_text"):
             experiment.add_text(f"detection/{split}_table", markdown, trainer.global_step)
-        if split == "test":
-            print(f"\nPer-task detection test table ({out / 'detection_test.md'}):\n{markdown}")
+        if split != "test":
+            return
+        print(f"\nPer-task detection test table ({out / 'detection_test.md'}):\n{markdown}")
+        if self.results_dir is not None:
+            header = (f"Detection, per task on test images (COCO mAP50 by pycocotools; generated: mean ± std over "
+                      f"{num_samples} samples). {describe(pl_module.device)}. Written by {sys.argv[0]} "
+                      f"{' '.join(sys.argv[1:])}\n\n")
+            files.write_text(Path(self.results_dir) / "detection.md", header + markdown)
+            files.write_text(Path(self.results_dir) / "detection.csv", table_csv)
+        if hasattr(experiment, "add_image"):
+            for name, (images, flats) in self._panels.items():
+                experiment.add_image(f"detection/{name}/base_own_generated", self._draw(images, flats),
+                                     trainer.global_step, dataformats="HWC")
+
+    def _draw(self, images, flats: list) -> np.ndarray:
+        """(H, W, 3) uint8: rows of test images, columns base / own / generated, boxes scoring >= 0.3."""
+        rows = []
+        for i in range(min(self.images_per_task, len(images))):
+            panels = []
+            for flat in flats:
+                dets = [d for d in self.scorer.detections(flat, images, [i]) if d["score"] >= 0.3]
+                panels.append(draw_boxes(images.original(i), dets))
+            rows.append(np.concatenate(panels, axis=1))
+        return np.concatenate(rows, axis=0)
+
+
+def draw_boxes(image: Image.Image, detections: list[dict], scale: int = 4) -> np.ndarray:
+    """The image enlarged ``scale`` times with each detection's box and score, as (H, W, 3) uint8."""
+    big = image.convert("RGB").resize((image.width * scale, image.height * scale), Image.NEAREST)
+    pen = ImageDraw.Draw(big)
+    for d in detections:
+        x, y, w, h = (v * scale for v in d["bbox"])
+        pen.rectangle([x, y, x + w, y + h], outline=(255, 255, 0), width=2)
+        pen.text((x + 2, y + 1), f"{d['score']:.2f}", fill=(255, 255, 0))
+    return np.asarray(big)

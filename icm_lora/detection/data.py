@@ -66,7 +66,7 @@ class CocoImages(Dataset):
         if not self.image_ids:
             raise ValueError(f"{root}: split {split!r} has no images")
         self.size = image_size
-        self.images, self.scales, self.boxes, self.labels = [], [], [], []
+        self.images, self.scales, self.boxes, self.labels, self.paths = [], [], [], [], []
         for image_id in self.image_ids:
             info = self.coco.loadImgs(image_id)[0]
             path = Path(root) / info["file_name"]
@@ -75,6 +75,7 @@ class CocoImages(Dataset):
             except OSError as err:
                 raise ValueError(f"{path}: not a readable image ({err})") from err
             scale = (image_size / image.width, image_size / image.height)
+            self.paths.append(path)
             self.images.append(torch.from_numpy(np.array(image.resize((image_size, image_size)))).permute(2, 0, 1))
             anns = self.coco.loadAnns(self.coco.getAnnIds(imgIds=image_id, catIds=self.category_ids, iscrowd=False))
             box = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
@@ -85,6 +86,10 @@ class CocoImages(Dataset):
     @property
     def channels(self) -> list[int]:
         return [self.channel[c] for c in self.category_ids]
+
+    def original(self, i: int) -> Image.Image:
+        """Image ``i`` as stored (its own size), for drawing boxes in original pixels."""
+        return Image.open(self.paths[i])
 
     def __len__(self) -> int:
         return len(self.image_ids)

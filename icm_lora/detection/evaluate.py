@@ -32,12 +32,13 @@ class DetectionScorer:
         self.precision, self.batch_size, self.top_k = precision, batch_size, top_k
 
     @torch.no_grad()
-    def detections(self, flat: Tensor | None, split: CocoImages) -> list[dict]:
-        """COCO result dicts of the task's categories on every image of ``split``."""
+    def detections(self, flat: Tensor | None, split: CocoImages, indices: list[int] | None = None) -> list[dict]:
+        """COCO result dicts of the task's categories on the images ``indices`` of ``split`` (default all)."""
         device, out = self.live.device, []
+        indices = list(range(len(split))) if indices is None else indices
         with self.live.use(flat) as model:
-            for start in range(0, len(split), self.batch_size):
-                index = list(range(start, min(start + self.batch_size, len(split))))
+            for start in range(0, len(indices), self.batch_size):
+                index = indices[start : start + self.batch_size]
                 images = torch.stack([split[i][0] for i in index]).to(device)
                 with autocast(self.precision, device):
                     logits, boxes = model(images)
