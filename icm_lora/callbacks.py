@@ -35,7 +35,33 @@ def _digest(data: bytes | Tensor) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-class DownstreamEval(Callback):
+class TimedEval(Callback):
+    """A domain's evaluation: ``_evaluate(trainer, pl_module, split, num_samples)`` runs after every
+    validation (never in the sanity check) with ``val_samples`` and after test with ``num_samples``,
+    under ``no_grad``; the wall time of each goes to ``seconds`` (the run's phase table reads it)."""
+
+    num_samples: int = 3
+    val_samples: int = 0
+
+    @torch.no_grad()
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        start = time.time()
+        self._evaluate(trainer, pl_module, "val", self.val_samples)
+        self.seconds["validation"] = self.seconds.get("validation", 0.0) + time.time() - start
+
+    @torch.no_grad()
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        start = time.time()
+        self._evaluate(trainer, pl_module, "test", self.num_samples)
+        self.seconds["test"] = time.time() - start
+
+    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, split: str, num_samples: int) -> None:
+        raise NotImplementedError
+
+
+class DownstreamEval(TimedEval):
     """Decodes each task's LoRA, swaps it into the base model and scores it on held-out text.
 
     At every validation (every ``trainer.check_val_every_n_epoch`` epochs, never in the sanity
@@ -131,20 +157,6 @@ class DownstreamEval(Callback):
             }
         rows = {t: row for part in ranks.gather(mine) for t, row in part.items()}
         return [rows[t] for t in sorted(rows)]
-
-    @torch.no_grad()
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        start = time.time()
-        self._evaluate(trainer, pl_module, "val", self.val_samples)
-        self.seconds["validation"] = self.seconds.get("validation", 0.0) + time.time() - start
-
-    @torch.no_grad()
-    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        start = time.time()
-        self._evaluate(trainer, pl_module, "test", self.num_samples)
-        self.seconds["test"] = time.time() - start
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, split: str, num_samples: int) -> None:
         dm = trainer.datamodule

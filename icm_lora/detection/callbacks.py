@@ -12,19 +12,17 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
 from PIL import Image, ImageDraw
 from torch import Tensor
 
 from .. import files
-from ..callbacks import format_rows
+from ..callbacks import TimedEval, format_rows
 from ..hardware import describe, resolve_precision
 from .detector import load_detector
 from .evaluate import DetectionScorer
@@ -36,7 +34,7 @@ COLUMNS = [("task", "task", "{}"), ("base_map50", "base", "{:.3f}"), ("lora_map5
            ("cosine", "cosine", "{:.3f}")]
 
 
-class DetectionEval(Callback):
+class DetectionEval(TimedEval):
     """Scores generated detector LoRAs against the base detector, own LoRAs and the soup (COCO mAP).
 
     Args:
@@ -101,20 +99,6 @@ class DetectionEval(Callback):
                 "cosine": F.cosine_similarity(means[t][None], ckpts, dim=-1).mean().item(),
             })
         return rows
-
-    @torch.no_grad()
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        start = time.time()
-        self._evaluate(trainer, pl_module, "val", 0)
-        self.seconds["validation"] = self.seconds.get("validation", 0.0) + time.time() - start
-
-    @torch.no_grad()
-    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        start = time.time()
-        self._evaluate(trainer, pl_module, "test", self.num_samples)
-        self.seconds["test"] = time.time() - start
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, split: str, num_samples: int) -> None:
         dm = trainer.datamodule
