@@ -124,7 +124,7 @@ class DetectionEval(TimedEval):
         print(f"\nPer-task detection test table ({out / 'detection_test.md'}):\n{markdown}")
         if self.results_dir is not None:
             header = (f"Detection, per task on test images (COCO mAP50 by pycocotools; generated: mean ± std over "
-                      f"{num_samples} samples). {describe(pl_module.device)}. Written by {sys.argv[0]} "
+                      f"{num_samples} samples). {describe(pl_module.device)}. Written by: python -m icm_lora.detection "
                       f"{' '.join(sys.argv[1:])}\n\n")
             files.write_text(Path(self.results_dir) / "detection.md", header + markdown)
             files.write_text(Path(self.results_dir) / "detection.csv", table_csv)
@@ -134,9 +134,11 @@ class DetectionEval(TimedEval):
                                      trainer.global_step, dataformats="HWC")
 
     def _draw(self, images, flats: list) -> np.ndarray:
-        """(H, W, 3) uint8: rows of test images, columns base / own / generated, boxes scoring >= 0.3."""
+        """(H, W, 3) uint8: rows of test images holding the task's objects, columns base / own / generated,
+        boxes scoring >= 0.3."""
         rows = []
-        for i in range(min(self.images_per_task, len(images))):
+        shown = [i for i in range(len(images)) if len(images.labels[i])] or list(range(len(images)))
+        for i in shown[: self.images_per_task]:  # images that hold the task's objects
             panels = []
             for flat in flats:
                 dets = [d for d in self.scorer.detections(flat, images, [i]) if d["score"] >= 0.3]
