@@ -11,6 +11,7 @@ after every task, so an interrupted build resumes at the first unfinished task.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from ..hardware import describe, trainer_precision
 from ..tasks import fingerprint, slug
 from ..zoo import METADATA, VERSION, ZooMismatch, _jsonable
 from .data import DetectionData
-from .detector import load_detector
+from .detector import Detector, load_detector
 from .system import DetectorLoRA, DetectorSystem
 from .tasks import DatasetResolver, DetectionTask
 
@@ -80,10 +81,9 @@ class Snapshots(Callback):
             self.flats.append(self.layout.flatten({k: v.detach().float().cpu() for k, v in state.items()}))
 
 
-def lora_layout(base_dir: str | Path, lora: DetectorLoRA) -> FlatLayout:
-    """The flat layout of ``lora`` on the base detector in ``base_dir``."""
-    return FlatLayout.from_state_dict(get_peft_model_state_dict(get_peft_model(load_detector(base_dir),
-                                                                               lora.peft_config(str(base_dir)))))
+def lora_layout(model: Detector, lora: DetectorLoRA) -> FlatLayout:
+    """The flat layout of ``lora`` on the base detector ``model`` (wrapped on a copy: ``model`` stays bare)."""
+    return FlatLayout.from_state_dict(get_peft_model_state_dict(get_peft_model(copy.deepcopy(model), lora.peft_config())))
 
 
 def base_key(base_dir: str | Path) -> str:
@@ -124,7 +124,7 @@ def build_zoo(root: str | Path, base_dir: str | Path, tasks: list[DetectionTask]
               lora: DetectorLoRA, training: DetectionTraining, image_size: int, accelerator: str = "auto") -> dict:
     """Train and store the LoRA of every task the zoo lacks or holds stale; returns the metadata."""
     root = Path(root)
-    layout = lora_layout(base_dir, lora)
+    layout = lora_layout(load_detector(base_dir), lora)
     meta = _open_metadata(root, header(base_dir, lora, layout))
     todo = stale_tasks(root, tasks, resolver, training, base_dir)
     if todo:

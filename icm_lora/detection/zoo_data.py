@@ -83,8 +83,9 @@ class DetectionZooData(L.LightningDataModule):
         self.phase_seconds: dict[str, float] = {}
         self.init_phase = "base detector (pretrained on the first run)"
         start = time.time()
-        self.detector_config = load_detector(base_dir).config
-        self.layout = lora_layout(base_dir, self.lora)
+        detector = load_detector(base_dir)
+        self.detector_config = detector.config
+        self.layout = lora_layout(detector, self.lora)
         self.lora_dim, self.cond_dim = self.layout.dim, 2 * self.detector_config.dim
         self.init_seconds = time.time() - start
         self._splits: dict[tuple[str, str], CocoImages] = {}
@@ -140,7 +141,8 @@ class DetectionZooData(L.LightningDataModule):
                 tensors[f"task_vector/{slug(task.name)}"] = task_vectors(model, self.task_split(task, "train"),
                                                                          self.condition, task.name)
         files.save_tensors(path, tensors)
-        hashes = meta.get("conditions", {}).get("tasks", {}) | {n: self._condition_hashes()[n] for n in names}
+        current = self._condition_hashes()
+        hashes = meta.get("conditions", {}).get("tasks", {}) | {n: current[n] for n in names}
         meta["conditions"] = {"file": CONDITIONS, "spec": asdict(self.condition), "tasks": hashes}
         files.write_json(self.zoo_dir / "metadata.json", meta)
 
@@ -149,8 +151,9 @@ class DetectionZooData(L.LightningDataModule):
         if stale:
             raise ZooMismatch(f"{self.zoo_dir}: " + "; ".join(f"{k}: {v}" for k, v in stale.items())
                               + "; only `fit` builds the zoo: run it with this config")
-        if self._stale_conditions():
-            raise ZooMismatch(f"{self.zoo_dir / CONDITIONS}: task vectors of {', '.join(self._stale_conditions())} are "
+        stale_conditions = self._stale_conditions()
+        if stale_conditions:
+            raise ZooMismatch(f"{self.zoo_dir / CONDITIONS}: task vectors of {', '.join(stale_conditions)} are "
                               "missing or were built with other settings; only `fit` builds them")
 
     # ---- reading --------------------------------------------------------------------------
@@ -177,7 +180,7 @@ class DetectionZooData(L.LightningDataModule):
         """Names and (N, C) scaled conditions of ``predict_tasks``."""
         if not self.predict_tasks:
             raise PredictInputError("predict needs data.predict_tasks (zoo task names and/or task files)")
-        names, conds = [], []
+        names, conds, model = [], [], None
         for item in self.predict_tasks:
             if item in self.task_names:
                 names.append(item)
@@ -186,7 +189,8 @@ class DetectionZooData(L.LightningDataModule):
             if not Path(item).exists():
                 raise PredictInputError(f"predict task {item!r} is neither a zoo task ({self.task_names}) nor a file")
             task = load_task_file(item)
-            model = load_detector(self.base_dir).to(self.device)
+            if model is None:  # loaded once, for the first task file
+                model = load_detector(self.base_dir).to(self.device)
             names.append(task.name)
             self.predict_info[task.name] = {"demonstrations": self.resolver.source(task)}
             conds.append(self.scaler(task_vectors(model, self.task_split(task, "train"), self.condition,
