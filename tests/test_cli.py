@@ -28,7 +28,7 @@ def test_every_experiment_yaml_parses(config, capsys):
             openworld.main(["--config", str(config), "--print_config"])
         elif "fusion_bench" in sections:  # fuse and the fusion benchmark
             main(["fuse", "--config", str(config), "--print_config"])
-        elif "pretrain" in sections:  # the detection domain's CLI
+        elif "base_dir" in sections:  # the detection domain's CLI
             detection_main(["fit", "--config", str(config), "--print_config"])
         else:
             main(["fit", "--config", str(config), "--print_config"])

@@ -24,7 +24,7 @@ from torch import Tensor
 from .. import files
 from ..callbacks import TimedEval, format_rows
 from ..hardware import describe, resolve_precision
-from .detector import load_detector
+from .bases import load_base
 from .evaluate import DetectionScorer
 
 COLUMNS = [("task", "task", "{}"), ("base_map50", "base", "{:.3f}"), ("lora_map50", "own LoRA", "{:.3f}"),
@@ -59,8 +59,9 @@ class DetectionEval(TimedEval):
 
     def _setup(self, dm, device: torch.device) -> None:
         if self.scorer is None:
-            model = load_detector(dm.base_dir).to(device)
-            self.scorer = DetectionScorer(model, dm.lora, dm.layout, resolve_precision(self.precision, device),
+            base = load_base(dm.base_dir, dm.image_size)  # its own copy: the scorer wraps it in PEFT
+            base.model.to(device)
+            self.scorer = DetectionScorer(base, dm.lora, dm.layout, resolve_precision(self.precision, device),
                                           self.batch_size)
 
     def _score_fixed(self, kind: str, split: str, name: str, flat: Tensor | None, images) -> dict:

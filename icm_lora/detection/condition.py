@@ -17,8 +17,8 @@ from torch import Tensor
 
 from ..evaluate import autocast
 from ..hardware import resolve_precision
+from .bases import BaseDetector
 from .data import CocoImages
-from .detector import Detector
 
 
 @dataclass
@@ -42,26 +42,26 @@ class DetectionCondition:
 
 
 @torch.no_grad()
-def task_vectors(model: Detector, demos: CocoImages, spec: DetectionCondition, name: str) -> Tensor:
-    """(P, 2 D) one row per prompt: [mean object-centre token, mean token] of the base detector."""
+def task_vectors(base: BaseDetector, demos: CocoImages, spec: DetectionCondition, name: str) -> Tensor:
+    """(P, 2 D) one row per prompt: [mean object-centre token, mean token] of the base detector's encoder."""
     shown = [i for i in range(len(demos)) if len(demos.labels[i])]
     if not shown:
         raise ValueError(f"task {name!r}: no demonstration image holds one of its objects ({demos.category_ids})")
     rng = np.random.default_rng(spec.seed)
-    device = next(model.parameters()).device
+    device = next(base.model.parameters()).device
     precision = resolve_precision(spec.precision, device)
-    g, s = model.config.grid, model.config.stride
     rows = []
     for _ in range(spec.num_prompts):
         pick = rng.choice(shown, size=min(spec.images_per_prompt, len(shown)), replace=False)
         images = torch.stack([demos[i][0] for i in pick]).to(device)
         with autocast(precision, device):
-            tokens = model.features(images).float()  # (K, G * G, D)
+            grid = base.tokens(images).float()  # (K, Gh, Gw, D)
+        gh, gw = grid.shape[1:3]
         cells = []
         for k, i in enumerate(pick):
             centre = demos.boxes[i][:, :2] + demos.boxes[i][:, 2:] / 2  # (n, 2) pixels
-            col = (centre[:, 0] / s).long().clamp(0, g - 1)
-            row = (centre[:, 1] / s).long().clamp(0, g - 1)
-            cells.append(tokens[k, row * g + col])  # (n, D)
-        rows.append(torch.cat([torch.cat(cells).mean(0), tokens.mean((0, 1))]).cpu())
+            col = (centre[:, 0] * gw / images.shape[-1]).long().clamp(0, gw - 1)
+            row = (centre[:, 1] * gh / images.shape[-2]).long().clamp(0, gh - 1)
+            cells.append(grid[k, row, col])  # (n, D)
+        rows.append(torch.cat([torch.cat(cells).mean(0), grid.mean((0, 1, 2))]).cpu())
     return torch.stack(rows)

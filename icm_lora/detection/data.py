@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -19,7 +20,6 @@ from pycocotools.coco import COCO
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .detector import DetectorConfig, decode
 from .shapes import ShapesSpec, build
 
 
@@ -55,13 +55,17 @@ class CocoImages(Dataset):
         split: ``train``, ``val`` or ``test``.
         category_ids: the task's categories; other objects are not targets.
         image_size: the detector's input side S.
+        channel_map: gives the base's class channel of each category id (``BaseDetector.channel_map``;
+            default: the id's rank among the dataset's ids).
     """
 
-    def __init__(self, root: str | Path, split: str, category_ids: list[int], image_size: int) -> None:
+    def __init__(self, root: str | Path, split: str, category_ids: list[int], image_size: int,
+                 channel_map: Callable[[COCO, list[int]], dict[int, int]] | None = None) -> None:
         self.coco = read_coco(root, split)
         self.category_ids = list(category_ids)
-        # Class channel of each category id: its rank among all of the dataset's ids (id - 1 for shapes).
-        self.channel = {cid: i for i, cid in enumerate(sorted(self.coco.getCatIds()))}
+        ids = sorted(self.coco.getCatIds())
+        self.channel = (channel_map(self.coco, self.category_ids) if channel_map
+                        else {cid: ids.index(cid) for cid in self.category_ids})
         self.image_ids = sorted(self.coco.getImgIds())
         if not self.image_ids:
             raise ValueError(f"{root}: split {split!r} has no images")
@@ -97,16 +101,11 @@ class CocoImages(Dataset):
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor, Tensor, int]:
         return self.images[i].float() / 255, self.boxes[i], self.labels[i], i
 
-    def results(self, index: list[int], logits: Tensor, boxes: Tensor, config: DetectorConfig,
-                top_k: int = 100) -> list[dict]:
-        """COCO result dicts of images ``index`` from a detector's raw (B, C, G, G) / (B, 4, G, G) outputs,
-        decoded over the task's channels only."""
-        channels = torch.tensor(self.channels)
+    def results(self, index: list[int], detections: list[dict[str, Tensor]]) -> list[dict]:
+        """COCO result dicts of images ``index`` from a base's decoded detections (``BaseDetector.detect``)."""
         out = []
-        for i, pred in zip(index, decode(logits[:, channels.to(logits.device)], boxes, config, top_k)):
-            pred = {k: v.cpu() for k, v in pred.items()}
-            pred["labels"] = channels[pred["labels"]]
-            out += self.to_coco(i, pred)
+        for i, pred in zip(index, detections):
+            out += self.to_coco(i, {k: v.cpu() for k, v in pred.items()})
         return out
 
     def to_coco(self, index: int, pred: dict[str, Tensor]) -> list[dict]:
@@ -134,13 +133,14 @@ class DetectionData(L.LightningDataModule):
         image_size: the detector's input side.
         batch_size: images per training step.
         num_workers: loader processes.
+        channel_map: gives the base's class channel of each category id (``BaseDetector.channel_map``).
     """
 
     def __init__(self, root: str = "zoo/detection/shapes", categories: list[str] | None = None,
                  shapes: ShapesSpec | None = None, image_size: int = 64, batch_size: int = 32,
-                 num_workers: int = 0) -> None:
+                 num_workers: int = 0, channel_map: Callable[[COCO, list[int]], dict[int, int]] | None = None) -> None:
         super().__init__()
-        self.root, self.categories, self.shapes = root, categories, shapes
+        self.root, self.categories, self.shapes, self.channel_map = root, categories, shapes, channel_map
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
         self.splits: dict[str, CocoImages] = {}
 
@@ -153,7 +153,7 @@ class DetectionData(L.LightningDataModule):
             return
         ids = category_ids(read_coco(self.root, "train"), self.categories)
         for split in ("train", "val", "test"):
-            self.splits[split] = CocoImages(self.root, split, ids, self.image_size)
+            self.splits[split] = CocoImages(self.root, split, ids, self.image_size, self.channel_map)
 
     @property
     def channels(self) -> list[int]:

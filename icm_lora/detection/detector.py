@@ -4,7 +4,8 @@ The encoder's attention projections ``q``, ``k``, ``v``, ``o`` and the class hea
 ``nn.Linear`` layers, the LoRA targets. Each grid cell of stride ``stride`` predicts a score per
 class (a peak marks an object's centre), and the object's centre offset within the cell and its log
 width and height. Decoding keeps the cells that are a 3 x 3 local maximum of their class map, so no
-box suppression is needed. Saved as ``config.json`` + ``model.safetensors``.
+box suppression is needed. Saved as ``config.json`` + ``model.safetensors``. ``OwnDetector`` is
+this detector as the pipeline's base (``bases.BaseDetector``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..files import atomic_dir, load_tensors, read_json, save_tensors, write_json
+from .bases import BaseDetector, folder_key
 
 MODEL_TYPE = "icm_lora-detector"
 LORA_TARGETS = ["q", "k", "v", "o", "heatmap"]
@@ -211,3 +213,48 @@ def decode(logits: Tensor, pred_box: Tensor, config: DetectorConfig, top_k: int 
     x1, y1 = (cx + w / 2).clamp(max=config.image_size), (cy + h / 2).clamp(max=config.image_size)
     boxes = torch.stack([x0, y0, x1 - x0, y1 - y0], dim=-1)  # (B, K, 4)
     return [{"boxes": boxes[i], "scores": scores[i], "labels": labels[i]} for i in range(b)]
+
+
+class OwnDetector(BaseDetector):
+    """The project's detector as a base: CenterNet targets, focal + L1 loss, peak decoding.
+
+    Args:
+        model: the detector (frozen for LoRA; trained from scratch in pretraining).
+        name: its folder ("" for one being pretrained).
+        box_weight: weight of the box L1 against the focal loss.
+    """
+
+    def __init__(self, model: Detector, name: str = "", box_weight: float = 1.0) -> None:
+        self.model, self.name, self.box_weight = model, name, box_weight
+        self.config = model.config
+        self.image_size, self.token_dim = model.config.image_size, model.config.dim
+
+    def key(self) -> str:
+        if not hasattr(self, "_key"):
+            self._key = folder_key(Path(self.name))
+        return self._key
+
+    def channel_map(self, coco, category_ids: list[int]) -> dict[int, int]:
+        ids = sorted(coco.getCatIds())  # channel i is the dataset's i-th category id (id - 1 for shapes)
+        if max(ids.index(c) for c in category_ids) >= self.config.num_classes:
+            raise ValueError(f"{self.name}: the dataset has {len(ids)} categories, the detector "
+                             f"{self.config.num_classes} class channels")
+        return {cid: ids.index(cid) for cid in category_ids}
+
+    def loss(self, net, images, boxes, labels, channels) -> dict[str, Tensor]:
+        logits, pred = net(images)  # (B, C, G, G), (B, 4, G, G)
+        heat, box, mask = targets(boxes, labels, self.config)
+        dev = logits.device
+        return loss(logits[:, channels], pred, heat[:, channels].to(dev), box.to(dev), mask.to(dev), self.box_weight)
+
+    def detect(self, net, images, channels, top_k) -> list[dict[str, Tensor]]:
+        logits, boxes = net(images)
+        ch = torch.tensor(channels, device=logits.device)
+        out = decode(logits[:, ch], boxes, self.config, top_k)
+        for pred in out:  # decoded indices among the task's channels -> the model's channels
+            pred["labels"] = ch[pred["labels"]]
+        return out
+
+    def tokens(self, images: Tensor) -> Tensor:
+        g = self.config.grid
+        return self.model.features(images).view(len(images), g, g, -1)  # (B, G, G, D)

@@ -1,4 +1,4 @@
-"""COCO mAP of a flat LoRA (or of the bare base detector) on one task's images."""
+"""COCO mAP of a flat LoRA (or of the bare base detector) on one task's images, for either kind of base."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from torch import Tensor
 
 from ..evaluate import LiveAdapter, autocast
 from ..flat import FlatLayout
+from .bases import BaseDetector
 from .data import CocoImages
-from .detector import Detector
 from .metrics import coco_map
 from .system import DetectorLoRA
 
@@ -17,7 +17,7 @@ class DetectionScorer:
     """One base detector wrapped once in PEFT; each flat LoRA is swapped in and scored.
 
     Args:
-        model: the frozen base detector.
+        base: the frozen base detector.
         lora: the zoo's LoRA structure.
         layout: the zoo's flat layout.
         precision: ``bf16`` or ``fp32`` (``auto`` resolved) for the forward passes.
@@ -25,10 +25,10 @@ class DetectionScorer:
         top_k: detections kept per image.
     """
 
-    def __init__(self, model: Detector, lora: DetectorLoRA, layout: FlatLayout, precision: str = "fp32",
+    def __init__(self, base: BaseDetector, lora: DetectorLoRA, layout: FlatLayout, precision: str = "fp32",
                  batch_size: int = 64, top_k: int = 100) -> None:
-        self.config = model.config
-        self.live = LiveAdapter(model, lora.peft_config(getattr(model, "name_or_path", None)), layout)
+        self.base = base
+        self.live = LiveAdapter(base.model, lora.peft_config(base.name), layout)
         self.precision, self.batch_size, self.top_k = precision, batch_size, top_k
 
     @torch.no_grad()
@@ -41,8 +41,8 @@ class DetectionScorer:
                 index = indices[start : start + self.batch_size]
                 images = torch.stack([split[i][0] for i in index]).to(device)
                 with autocast(self.precision, device):
-                    logits, boxes = model(images)
-                out += split.results(index, logits, boxes, self.config, self.top_k)
+                    dets = self.base.detect(model, images, split.channels, self.top_k)
+                out += split.results(index, dets)
         return out
 
     def score(self, flat: Tensor | None, split: CocoImages) -> dict[str, float]:

@@ -1,7 +1,8 @@
 """The LightningModule that trains a detector: from scratch (pretraining) or as a PEFT LoRA on a frozen base.
 
-Loss and decoding cover the task's class channels only (``datamodule.channels``), so a LoRA for one
-category is trained and scored on that category, as COCOeval scores it. Validation and test log
+The base is either of ``bases.load_base``'s (the project's detector or a transformers one); its loss
+and decoding see the task's class channels (``datamodule.channels``), so a LoRA for one category is
+trained and scored on that category, as COCOeval scores it. Validation and test log
 COCO ``map``, ``map50`` and ``map75`` (pycocotools) of the task's categories.
 """
 
@@ -14,7 +15,8 @@ import lightning as L
 import torch
 from peft import LoraConfig, get_peft_model
 
-from .detector import LORA_TARGETS, Detector, DetectorConfig, load_detector, loss, targets
+from .bases import BaseDetector, load_base
+from .detector import LORA_TARGETS, Detector, DetectorConfig, OwnDetector
 from .metrics import coco_map
 
 
@@ -25,7 +27,8 @@ class DetectorLoRA:
     Args:
         r: rank.
         lora_alpha: scaling numerator (``scaling = lora_alpha / r``).
-        target_modules: module names adapted (the encoder's ``q``, ``k``, ``v``, ``o`` and the class head).
+        target_modules: module names adapted (the project's detector: the encoder's ``q``, ``k``, ``v``, ``o``
+            and the class head; a transformers DETR: e.g. ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``).
         lora_dropout: dropout on the LoRA input.
         init_seed: every task's LoRA starts from this same initialisation, so a zoo is one distribution.
     """
@@ -46,28 +49,37 @@ class DetectorSystem(L.LightningModule):
 
     Args:
         detector: the shape of a detector trained from scratch (ignored when ``base`` is given).
-        base: folder of a saved detector; with ``lora`` it is frozen and only the LoRA trains.
+        base: the frozen base (a detector folder of this project, or a transformers detector's folder or hub
+            id); with ``lora`` only the LoRA trains.
         lora: train a PEFT LoRA on ``base`` instead of every weight.
         lr: peak AdamW learning rate (linear warm-up, then ``schedule``).
         schedule: ``cosine`` (decay to 0 over the run) or ``constant`` (a zoo: the last steps then sample
             one stationary distribution of adapters).
         weight_decay: AdamW weight decay.
         warmup_steps: warm-up steps.
-        box_weight: weight of the box L1 against the focal loss.
+        box_weight: weight of the box L1 against the focal loss (the project's detector; a transformers
+            detector weighs its loss terms by its config).
         top_k: detections kept per image when scoring.
+        image_size: the side images are resized to, for a transformers base (the project's detector has its own).
     """
 
     def __init__(self, detector: DetectorConfig | None = None, base: str | None = None, lora: DetectorLoRA | None = None,
                  lr: float = 2.0e-3, schedule: str = "cosine", weight_decay: float = 0.05, warmup_steps: int = 100,
-                 box_weight: float = 1.0, top_k: int = 100) -> None:
+                 box_weight: float = 1.0, top_k: int = 100, image_size: int | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         if schedule not in ("cosine", "constant"):
             raise ValueError(f"detector training: schedule must be cosine or constant, got {schedule!r}")
         if lora is not None and base is None:
             raise ValueError("detector LoRA: give the frozen base detector's folder as base")
-        model = load_detector(base) if base else Detector(detector or DetectorConfig())
-        self.config: DetectorConfig = model.config
+        self.base: BaseDetector = (load_base(base, image_size) if base
+                                   else OwnDetector(Detector(detector or DetectorConfig()), box_weight=box_weight))
+        if isinstance(self.base, OwnDetector):
+            self.base.box_weight = box_weight
+        elif box_weight != 1.0:
+            raise ValueError(f"{base}: box_weight applies to the project's detector; a transformers detector "
+                             "weighs its loss terms by its config")
+        model = self.base.model
         if lora is not None:
             with torch.random.fork_rng():
                 torch.manual_seed(lora.init_seed)
@@ -81,20 +93,17 @@ class DetectorSystem(L.LightningModule):
     def channels(self) -> list[int]:
         return self.trainer.datamodule.channels
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model(images)
-
     def _step(self, batch, stage: str) -> torch.Tensor:
         images, boxes, labels, index = batch
-        logits, pred = self(images)
-        heat, box, mask = targets(boxes, labels, self.config)
-        ch = self.channels
-        out = loss(logits[:, ch], pred, heat[:, ch].to(logits.device), box.to(pred.device), mask.to(pred.device),
-                   self.hparams.box_weight)
+        out = self.base.loss(self.model, images, boxes, labels, self.channels)
         self.log_dict({f"{stage}/{k}": v for k, v in out.items()}, batch_size=len(images), prog_bar=stage == "train")
         if stage != "train":
             split = self.trainer.datamodule.splits[stage]
-            self._detections += split.results(index, logits, pred, self.config, self.hparams.top_k)
+            was = self.model.training
+            self.model.eval()  # set-prediction models add denoising queries in training mode
+            self._detections += split.results(index, self.base.detect(self.model, images, self.channels,
+                                                                      self.hparams.top_k))
+            self.model.train(was)
         return out["loss"]
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from ..files import file_hash
+from .coco import CocoSubset, build_subset
 from .shapes import ShapesSpec, build
 
 
@@ -17,8 +18,9 @@ class DetectionTask:
 
     Args:
         name: unique task name (file names, metric names, tables).
-        dataset: a key of the config's ``datasets`` (a synthetic dataset, built under ``data_dir``)
-            or the folder of a COCO-format dataset (images + ``annotations/instances_{split}.json``).
+        dataset: a key of the config's ``datasets`` (a synthetic dataset or a ``CocoSubset`` of a COCO-format
+            dataset, written under ``data_dir``) or the folder of a COCO-format dataset (images +
+            ``annotations/instances_{train,val,test}.json``).
         categories: the categories to detect, by name.
         description: one sentence about the task, for description conditioning.
     """
@@ -50,29 +52,46 @@ def load_task_file(path: str | Path) -> DetectionTask:
 
 
 class DatasetResolver:
-    """Folders of the tasks' datasets: synthetic ones built once under ``data_dir``, others as given.
+    """Folders of the tasks' datasets: the config's (synthetic, or subsets of a COCO-format dataset) written
+    once under ``data_dir``, others as given.
 
     Args:
-        datasets: synthetic datasets by name.
-        data_dir: where synthetic datasets are written.
+        datasets: the config's datasets by name.
+        data_dir: where they are written.
     """
 
-    def __init__(self, datasets: dict[str, ShapesSpec], data_dir: str | Path) -> None:
+    def __init__(self, datasets: dict[str, ShapesSpec | CocoSubset], data_dir: str | Path) -> None:
         self.datasets, self.data_dir = datasets, Path(data_dir)
 
     def root(self, task: DetectionTask) -> Path:
-        if task.dataset in self.datasets:
-            return build(self.data_dir / task.dataset, self.datasets[task.dataset])
+        spec = self.datasets.get(task.dataset)
+        if isinstance(spec, CocoSubset):
+            return build_subset(self.data_dir / task.dataset, spec)
+        if spec is not None:
+            return build(self.data_dir / task.dataset, spec)
         folder = Path(task.dataset)
         if not (folder / "annotations").is_dir():
             raise FileNotFoundError(f"task {task.name!r}: dataset {task.dataset!r} is neither one of the config's "
                                     f"datasets ({sorted(self.datasets)}) nor a COCO-format folder with annotations/")
         return folder
 
+    def missing(self, task: DetectionTask) -> list[str]:
+        """What the task's data needs that is not on disk (a synthetic dataset is made here: nothing)."""
+        spec = self.datasets.get(task.dataset)
+        if isinstance(spec, CocoSubset):
+            return spec.missing()
+        if spec is None and not (Path(task.dataset) / "annotations").is_dir():
+            return [f"dataset {task.dataset} (neither one of the config's datasets {sorted(self.datasets)} nor a "
+                    "COCO-format folder with annotations/)"]
+        return []
+
     def source(self, task: DetectionTask) -> dict:
         """What a task's data is (hashed into its zoo entry and its condition)."""
-        if task.dataset in self.datasets:
-            data = {"synthetic": asdict(self.datasets[task.dataset])}
+        spec = self.datasets.get(task.dataset)
+        if isinstance(spec, CocoSubset):
+            data = {"coco": spec.identity()}
+        elif spec is not None:
+            data = {"synthetic": asdict(spec)}
         else:  # a user's folder: its annotation files stand for it
             folder = Path(task.dataset) / "annotations"
             data = {"folder": str(Path(task.dataset).resolve()),

@@ -26,8 +26,8 @@ from ..flat import FlatLayout
 from ..hardware import describe, trainer_precision
 from ..tasks import fingerprint, slug
 from ..zoo import METADATA, VERSION, ZooMismatch, _jsonable
+from .bases import BaseDetector
 from .data import DetectionData
-from .detector import Detector, load_detector
 from .system import DetectorLoRA, DetectorSystem
 from .tasks import DatasetResolver, DetectionTask
 
@@ -81,59 +81,52 @@ class Snapshots(Callback):
             self.flats.append(self.layout.flatten({k: v.detach().float().cpu() for k, v in state.items()}))
 
 
-def lora_layout(model: Detector, lora: DetectorLoRA) -> FlatLayout:
+def lora_layout(model: torch.nn.Module, lora: DetectorLoRA) -> FlatLayout:
     """The flat layout of ``lora`` on the base detector ``model`` (wrapped on a copy: ``model`` stays bare)."""
     return FlatLayout.from_state_dict(get_peft_model_state_dict(get_peft_model(copy.deepcopy(model), lora.peft_config())))
-
-
-def base_key(base_dir: str | Path) -> str:
-    """The base detector's identity: its pretraining settings' key, or its weights' hash."""
-    record = Path(base_dir) / "pretrain.json"
-    if record.exists():
-        return files.read_json(record)["key"]
-    return files.file_hash(Path(base_dir) / "model.safetensors")
 
 
 def entry_hash(source: dict, training: DetectionTraining, base: str) -> str:
     return fingerprint(source, training.learning(), base)
 
 
-def header(base_dir: str | Path, lora: DetectorLoRA, layout: FlatLayout) -> dict:
-    return {"version": VERSION, "domain": "detection", "base_model": str(base_dir),
-            "base_model_path": str(Path(base_dir).resolve()), "lora": asdict(lora),
-            "peft_config": _jsonable(lora.peft_config(str(base_dir)).to_dict()), "layout": layout.to_json(),
+def header(base: BaseDetector, lora: DetectorLoRA, layout: FlatLayout) -> dict:
+    local = Path(base.name).exists()
+    return {"version": VERSION, "domain": "detection", "base_model": base.name,
+            "base_model_path": str(Path(base.name).resolve()) if local else base.name, "lora": asdict(lora),
+            "peft_config": _jsonable(lora.peft_config(base.name).to_dict()), "layout": layout.to_json(),
             "dim": layout.dim}
 
 
 def stale_tasks(root: str | Path, tasks: list[DetectionTask], resolver: DatasetResolver, training: DetectionTraining,
-                base_dir: str | Path) -> dict[str, str]:
-    """Tasks whose zoo entry is missing or was trained from other data, settings or base, and why."""
+                base_key: str) -> dict[str, str]:
+    """Tasks whose zoo entry is missing or was trained from other data, settings or base (``base_key``), and why."""
     path = Path(root) / METADATA
     entries = files.read_json(path).get("tasks", {}) if path.exists() else {}
-    key, out = base_key(base_dir), {}
+    out = {}
     for task in tasks:
         entry = entries.get(task.name)
         if entry is None or not (Path(root) / entry["file"]).exists():
             out[task.name] = "not in the zoo"
-        elif entry["hash"] != entry_hash(resolver.source(task), training, key):
+        elif entry["hash"] != entry_hash(resolver.source(task), training, base_key):
             out[task.name] = "trained from other data, settings or base detector"
     return out
 
 
-def build_zoo(root: str | Path, base_dir: str | Path, tasks: list[DetectionTask], resolver: DatasetResolver,
-              lora: DetectorLoRA, training: DetectionTraining, image_size: int, accelerator: str = "auto") -> dict:
+def build_zoo(root: str | Path, base: BaseDetector, tasks: list[DetectionTask], resolver: DatasetResolver,
+              lora: DetectorLoRA, training: DetectionTraining, accelerator: str = "auto") -> dict:
     """Train and store the LoRA of every task the zoo lacks or holds stale; returns the metadata."""
     root = Path(root)
-    layout = lora_layout(load_detector(base_dir), lora)
-    meta = _open_metadata(root, header(base_dir, lora, layout))
-    todo = stale_tasks(root, tasks, resolver, training, base_dir)
+    layout = lora_layout(base.model, lora)
+    meta = _open_metadata(root, header(base, lora, layout))
+    key = base.key()
+    todo = stale_tasks(root, tasks, resolver, training, key)
     if todo:
         print(f"detection zoo {root}: training {len(todo)} of {len(tasks)} tasks")
-    key = base_key(base_dir)
     for task in tasks:
         if task.name in todo:
-            meta["tasks"][task.name] = _train_task(root, base_dir, task, resolver, lora, training, layout, image_size,
-                                                   accelerator) | {"hash": entry_hash(resolver.source(task), training, key)}
+            meta["tasks"][task.name] = _train_task(root, base, task, resolver, lora, training, layout, accelerator) | {
+                "hash": entry_hash(resolver.source(task), training, key)}
             files.write_json(root / METADATA, meta)
     return meta
 
@@ -150,12 +143,13 @@ def _open_metadata(root: Path, new: dict) -> dict:
     return meta | {"base_model": new["base_model"], "base_model_path": new["base_model_path"]}
 
 
-def _train_task(root: Path, base_dir, task: DetectionTask, resolver: DatasetResolver, lora: DetectorLoRA,
-                training: DetectionTraining, layout: FlatLayout, image_size: int, accelerator: str) -> dict:
-    data = DetectionData(root=str(resolver.root(task)), categories=task.categories, image_size=image_size,
-                         batch_size=training.batch_size)
-    system = DetectorSystem(base=str(base_dir), lora=lora, lr=training.lr, schedule="constant",
-                            weight_decay=training.weight_decay, warmup_steps=training.warmup_steps)
+def _train_task(root: Path, base: BaseDetector, task: DetectionTask, resolver: DatasetResolver, lora: DetectorLoRA,
+                training: DetectionTraining, layout: FlatLayout, accelerator: str) -> dict:
+    data = DetectionData(root=str(resolver.root(task)), categories=task.categories, image_size=base.image_size,
+                         batch_size=training.batch_size, channel_map=base.channel_map)
+    system = DetectorSystem(base=base.name, lora=lora, lr=training.lr, schedule="constant",
+                            weight_decay=training.weight_decay, warmup_steps=training.warmup_steps,
+                            image_size=base.image_size)
     snaps = Snapshots(layout, training.steps, training.num_checkpoints, training.checkpoint_every)
     quiet = dict(accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
                  enable_progress_bar=False, enable_model_summary=False,

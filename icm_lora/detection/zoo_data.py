@@ -2,7 +2,8 @@
 
 It is the detection counterpart of ``icm_lora.data.ZooDataModule`` and shares its reading half:
 the zoo on disk (``Zoo``), normalisation, ``ConditionScaler``, ``ZooDataset`` and
-``MetaBatchSampler``. What differs is what a domain supplies: the base model (a detector folder),
+``MetaBatchSampler``. What differs is what a domain supplies: the base model (``bases.load_base``:
+the project's detector or a transformers one),
 the tasks (categories of COCO-format datasets), how each LoRA is trained (``detection.zoo``) and the
 task vector (``detection.condition``). Only ``fit`` builds; other stages stop if the zoo or its
 conditions do not match the config.
@@ -25,13 +26,14 @@ from ..data import CONDITIONS, NORMALIZATIONS, MetaBatchSampler, PredictInputErr
 from ..hardware import resolve_precision, trainer_precision
 from ..tasks import fingerprint, slug
 from ..zoo import Zoo, ZooMismatch
+from .bases import load_base, missing
+from .coco import CocoSubset
 from .condition import DetectionCondition, task_vectors
 from .data import CocoImages, category_ids, read_coco
-from .detector import load_detector
 from .shapes import ShapesSpec
 from .system import DetectorLoRA
 from .tasks import DatasetResolver, DetectionTask, load_task_file
-from .zoo import DetectionTraining, base_key, build_zoo, lora_layout, stale_tasks
+from .zoo import DetectionTraining, build_zoo, lora_layout, stale_tasks
 
 
 class DetectionZooData(L.LightningDataModule):
@@ -39,9 +41,12 @@ class DetectionZooData(L.LightningDataModule):
 
     Args:
         zoo_dir: where the zoo lives; built by ``fit`` if missing, reused if present.
-        base_dir: the base detector's folder (``python -m icm_lora.detection.pretrain`` writes it).
-        datasets: synthetic datasets by name, for tasks that name one.
-        data_dir: where synthetic datasets are written.
+        base_dir: the base detector: a folder of this project's (``python -m icm_lora.detection.pretrain``
+            writes it), or a transformers ``AutoModelForObjectDetection`` folder or hub id.
+        image_size: the side images are resized to for a transformers base (the project's detector has its own).
+        datasets: datasets by name, for tasks that name one: synthetic (``ShapesSpec``) or splits of a
+            COCO-format dataset on disk (``CocoSubset``).
+        data_dir: where they are written.
         tasks: the zoo's tasks.
         lora: the LoRA structure of the zoo and of every generated adapter.
         training: how each task's LoRA is trained and which checkpoints are kept.
@@ -58,7 +63,7 @@ class DetectionZooData(L.LightningDataModule):
     """
 
     def __init__(self, zoo_dir: str = "zoo/detection/zoo", base_dir: str = "zoo/detection/base",
-                 datasets: dict[str, ShapesSpec] | None = None, data_dir: str = "zoo/detection/data",
+                 image_size: int | None = None, datasets: dict[str, ShapesSpec | CocoSubset] | None = None, data_dir: str = "zoo/detection/data",
                  tasks: list[DetectionTask] | None = None, lora: DetectorLoRA | None = None,
                  training: DetectionTraining | None = None, condition: DetectionCondition | None = None,
                  normalization: str = "element", tasks_per_batch: int = 4, checkpoints_per_task: int = 2,
@@ -83,12 +88,21 @@ class DetectionZooData(L.LightningDataModule):
         self.phase_seconds: dict[str, float] = {}
         self.init_phase = "base detector (pretrained on the first run)"
         start = time.time()
-        detector = load_detector(base_dir)
-        self.detector_config = detector.config
-        self.layout = lora_layout(detector, self.lora)
-        self.lora_dim, self.cond_dim = self.layout.dim, 2 * self.detector_config.dim
+        self._check_inputs(base_dir)
+        self.base = load_base(base_dir, image_size)
+        self.image_size = self.base.image_size
+        self.layout = lora_layout(self.base.model, self.lora)
+        self.lora_dim, self.cond_dim = self.layout.dim, 2 * self.base.token_dim
         self.init_seconds = time.time() - start
         self._splits: dict[tuple[str, str], CocoImages] = {}
+
+    def _check_inputs(self, base_dir: str) -> None:
+        """Stop before anything loads when the tasks' data is missing, naming all that is (and an uncached model)."""
+        gone = list(dict.fromkeys(item for task in self.task_specs for item in self.resolver.missing(task)))
+        if gone:
+            model = missing(base_dir)
+            raise FileNotFoundError("missing: " + "; ".join(gone + ([model] if model else []))
+                                    + "; the offline default is `make detection` (experiments/shapes.yaml)")
 
     @property
     def device(self) -> torch.device:
@@ -104,11 +118,11 @@ class DetectionZooData(L.LightningDataModule):
         if (task.name, split) not in self._splits:
             root = self.resolver.root(task)
             ids = category_ids(read_coco(root, "train"), task.categories)
-            self._splits[task.name, split] = CocoImages(root, split, ids, self.detector_config.image_size)
+            self._splits[task.name, split] = CocoImages(root, split, ids, self.image_size, self.base.channel_map)
         return self._splits[task.name, split]
 
     def _condition_hashes(self) -> dict[str, str]:
-        key = base_key(self.base_dir)
+        key = self.base.key()
         return {t.name: fingerprint(self.resolver.source(t), self.condition.hashed(), key) for t in self.task_specs}
 
     def _stale_conditions(self) -> list[str]:
@@ -122,8 +136,7 @@ class DetectionZooData(L.LightningDataModule):
         """Train the LoRAs the zoo lacks, then the task vectors it lacks."""
         start = time.time()
         accelerator = self.device.type
-        build_zoo(self.zoo_dir, self.base_dir, self.task_specs, self.resolver, self.lora, self.training,
-                  self.detector_config.image_size, accelerator)
+        build_zoo(self.zoo_dir, self.base, self.task_specs, self.resolver, self.lora, self.training, accelerator)
         self.phase_seconds["LoRA zoo"] = time.time() - start
         stale = self._stale_conditions()
         if stale:
@@ -135,10 +148,10 @@ class DetectionZooData(L.LightningDataModule):
         meta = files.read_json(self.zoo_dir / "metadata.json")
         path = self.zoo_dir / CONDITIONS
         tensors = files.load_tensors(path) if path.exists() else {}
-        model = load_detector(self.base_dir).to(self.device)
+        self.base.model.to(self.device)
         for task in self.task_specs:
             if task.name in names:
-                tensors[f"task_vector/{slug(task.name)}"] = task_vectors(model, self.task_split(task, "train"),
+                tensors[f"task_vector/{slug(task.name)}"] = task_vectors(self.base, self.task_split(task, "train"),
                                                                          self.condition, task.name)
         files.save_tensors(path, tensors)
         current = self._condition_hashes()
@@ -147,7 +160,7 @@ class DetectionZooData(L.LightningDataModule):
         files.write_json(self.zoo_dir / "metadata.json", meta)
 
     def _check_current(self) -> None:
-        stale = stale_tasks(self.zoo_dir, self.task_specs, self.resolver, self.training, self.base_dir)
+        stale = stale_tasks(self.zoo_dir, self.task_specs, self.resolver, self.training, self.base.key())
         if stale:
             raise ZooMismatch(f"{self.zoo_dir}: " + "; ".join(f"{k}: {v}" for k, v in stale.items())
                               + "; only `fit` builds the zoo: run it with this config")
@@ -180,7 +193,7 @@ class DetectionZooData(L.LightningDataModule):
         """Names and (N, C) scaled conditions of ``predict_tasks``."""
         if not self.predict_tasks:
             raise PredictInputError("predict needs data.predict_tasks (zoo task names and/or task files)")
-        names, conds, model = [], [], None
+        names, conds = [], []
         for item in self.predict_tasks:
             if item in self.task_names:
                 names.append(item)
@@ -189,11 +202,10 @@ class DetectionZooData(L.LightningDataModule):
             if not Path(item).exists():
                 raise PredictInputError(f"predict task {item!r} is neither a zoo task ({self.task_names}) nor a file")
             task = load_task_file(item)
-            if model is None:  # loaded once, for the first task file
-                model = load_detector(self.base_dir).to(self.device)
+            self.base.model.to(self.device)
             names.append(task.name)
             self.predict_info[task.name] = {"demonstrations": self.resolver.source(task)}
-            conds.append(self.scaler(task_vectors(model, self.task_split(task, "train"), self.condition,
+            conds.append(self.scaler(task_vectors(self.base, self.task_split(task, "train"), self.condition,
                                                   task.name).mean(0)))
         return names, torch.stack(conds)
 
