@@ -148,8 +148,10 @@ class DetectionEval(TimedEval):
         return np.concatenate(rows, axis=0)
 
 
-def draw_boxes(image: Image.Image, detections: list[dict], scale: int = 4) -> np.ndarray:
-    """The image enlarged ``scale`` times with each detection's box and score, as (H, W, 3) uint8."""
+def draw_boxes(image: Image.Image, detections: list[dict], scale: int | None = None) -> np.ndarray:
+    """The image enlarged ``scale`` times (default: small images to about 256 pixels, large ones as they
+    are) with each detection's box and score, as (H, W, 3) uint8."""
+    scale = scale or max(1, 256 // max(image.size))
     big = image.convert("RGB").resize((image.width * scale, image.height * scale), Image.NEAREST)
     pen = ImageDraw.Draw(big)
     for d in detections:
