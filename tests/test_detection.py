@@ -244,3 +244,29 @@ def test_a_changed_task_makes_test_stop_and_fit_retrain_only_it(fitted, monkeypa
     main(["fit", "--config", TINY_YAML, *moved])  # a second zoo beside the first: the first is untouched
     assert json.loads(Path("zoo/zoo/metadata.json").read_text())["tasks"] == before
     assert json.loads(Path("zoo/zoo2/metadata.json").read_text())["tasks"]["noisy"]["hash"] == before["noisy"]["hash"]
+
+
+def test_two_ranks_split_the_detection_zoo_and_its_evaluation_and_agree_with_one(fitted, tmp_path):
+    """Lightning DDP on 2 CPU processes (gloo) through the real CLI, against the fixture's 1-process run."""
+    import shutil
+    import subprocess
+    import sys
+
+    from icm_lora.zoo import Zoo
+
+    run, _ = fitted
+    shutil.copytree(run / "zoo" / "base", tmp_path / "zoo" / "base")  # the same pretrained base detector
+    proc = subprocess.run(
+        [sys.executable, "-m", "icm_lora.detection", "fit", "--config", TINY_YAML, "--trainer.accelerator", "cpu",
+         "--trainer.devices", "2", "--trainer.strategy", "ddp"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "training 3 of 3 tasks on 2 ranks" in proc.stdout and "pretraining" not in proc.stdout
+    one, two = Zoo(run / "zoo" / "zoo"), Zoo(tmp_path / "zoo" / "zoo")
+    assert sorted(two.task_names) == sorted(one.task_names)
+    for task in one.task_names:  # each task trained on one rank, seeded by its name: the same LoRA
+        assert torch.allclose(one.checkpoints(task), two.checkpoints(task), rtol=1e-5, atol=1e-6), task
+    tables = list(tmp_path.glob("lightning_logs/*/detection_test.md"))
+    assert len(tables) == 1 and proc.stdout.count("Per-task detection test table") == 1
+    for task in (*one.task_names, "mean"):
+        assert tables[0].read_text().count(f"| {task} |") == 1

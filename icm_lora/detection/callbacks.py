@@ -5,7 +5,8 @@ base detector, the task's own LoRA, the soup, generated LoRAs (mean and std over
 the z = 0 decode and the z = 0 decode with another task's condition (the control). Validation scores
 the z = 0 decode on validation images; ``val/gen_map50_gap`` (own LoRA's mAP50 minus the decode's,
 averaged over tasks) selects checkpoints. The test table goes to ``detection_test.{md,csv}`` beside
-the logs and to TensorBoard.
+the logs and to TensorBoard. Under DDP each rank scores its share of the tasks with rank 0's decodes,
+and rank 0 writes the tables and images.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import Tensor
 from .. import files
 from ..callbacks import TimedEval, format_rows
 from ..hardware import describe, resolve_precision
+from ..ranks import Ranks
 from .bases import load_base
 from .evaluate import DetectionScorer
 
@@ -71,15 +73,19 @@ class DetectionEval(TimedEval):
         return self._fixed[key]
 
     def _rows(self, pl_module, dm, split: str, num_samples: int) -> list[dict]:
+        """One row per task; under DDP rank 0's decodes are scored, each rank scoring its share of the tasks."""
+        ranks = Ranks.current()
         torch.manual_seed(self.seed)
-        self._panels: dict[str, tuple] = {}
         means = dm.normalizer.denormalize(pl_module.generate(dm.conditions, 1, mean=True).cpu())[:, 0]  # (T, D)
         samples = (dm.normalizer.denormalize(pl_module.generate(dm.conditions, num_samples).cpu())
                    if num_samples else None)  # (T, S, D)
+        means, samples = ranks.broadcast((means, samples))
+        self._means = means
         swapped = means.roll(-self.swap_shift, dims=0)
         soup = dm.zoo.soup(dm.task_names)
-        rows = []
-        for t, task in enumerate(dm.task_specs):
+        mine = {}
+        for t in ranks.share(list(range(len(dm.task_specs)))):
+            task = dm.task_specs[t]
             images = dm.task_split(task, split)
             base = self._score_fixed("base", split, task.name, None, images)
             own = self._score_fixed("own", split, task.name, dm.zoo.final(task.name), images)
@@ -88,9 +94,7 @@ class DetectionEval(TimedEval):
             swap = self.scorer.score(swapped[t], images) if len(dm.task_specs) > 1 else z0
             gens = [self.scorer.score(s, images) for s in samples[t]] if samples is not None else [z0]
             ckpts = dm.zoo.checkpoints(task.name)
-            if split == "test":
-                self._panels[task.name] = (images, [None, dm.zoo.final(task.name), means[t]])
-            rows.append({
+            mine[t] = {
                 "task": task.name, "base_map50": base["map50"], "lora_map50": own["map50"],
                 "soup_map50": soup_s["map50"], "gen_map50_mean": statistics.fmean(g["map50"] for g in gens),
                 "gen_map50_std": statistics.pstdev(g["map50"] for g in gens), "gen_z0_map50": z0["map50"],
@@ -98,8 +102,9 @@ class DetectionEval(TimedEval):
                 "gen_map75_mean": statistics.fmean(g["map75"] for g in gens), "base_map75": base["map75"],
                 "lora_map": own["map"], "gen_map_mean": statistics.fmean(g["map"] for g in gens),
                 "cosine": F.cosine_similarity(means[t][None], ckpts, dim=-1).mean().item(),
-            })
-        return rows
+            }
+        rows = {t: row for part in ranks.gather(mine) for t, row in part.items()}
+        return [rows[t] for t in sorted(rows)]
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, split: str, num_samples: int) -> None:
         dm = trainer.datamodule
@@ -109,12 +114,14 @@ class DetectionEval(TimedEval):
         logged = {f"{split}/mean/{k}": v for k, v in mean_row.items() if k != "task"}
         if split == "val":
             logged["val/gen_map50_gap"] = mean_row["lora_map50"] - mean_row["gen_z0_map50"]
-        pl_module.log_dict(logged)
+        pl_module.log_dict(logged)  # the same values on every rank
+        out = Path(trainer.log_dir or ".")  # a collective under DDP: every rank asks
+        if not trainer.is_global_zero:
+            return
         if trainer.logger is not None:
             trainer.logger.log_metrics({f"detection/{r['task']}/{split}_{k}": v for r in rows
                                         for k, v in r.items() if k != "task"}, step=trainer.global_step)
         markdown, table_csv = format_rows(rows + [mean_row], COLUMNS, "gen_map50")
-        out = Path(trainer.log_dir or ".")
         files.write_text(out / f"detection_{split}.md", markdown)
         files.write_text(out / f"detection_{split}.csv", table_csv)
         experiment = getattr(trainer.logger, "experiment", None)
@@ -130,9 +137,11 @@ class DetectionEval(TimedEval):
             files.write_text(Path(self.results_dir) / "detection.md", header + markdown)
             files.write_text(Path(self.results_dir) / "detection.csv", table_csv)
         if hasattr(experiment, "add_image"):
-            for name, (images, flats) in self._panels.items():
-                experiment.add_image(f"detection/{name}/base_own_generated", self._draw(images, flats),
-                                     trainer.global_step, dataformats="HWC")
+            for t, task in enumerate(dm.task_specs):
+                flats = [None, dm.zoo.final(task.name), self._means[t]]
+                experiment.add_image(f"detection/{task.name}/base_own_generated",
+                                     self._draw(dm.task_split(task, "test"), flats), trainer.global_step,
+                                     dataformats="HWC")
 
     def _draw(self, images, flats: list) -> np.ndarray:
         """(H, W, 3) uint8: rows of test images holding the task's objects, columns base / own / generated,

@@ -144,13 +144,13 @@ class DetectionData(L.LightningDataModule):
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
         self.splits: dict[str, CocoImages] = {}
 
-    def prepare_data(self) -> None:
-        if self.shapes is not None:
-            build(self.root, self.shapes)
-
     def setup(self, stage: str | None = None) -> None:
+        # The dataset is built here, not in prepare_data: the zoo trains each task with its own one-device
+        # Trainer inside a DDP rank, and Lightning wraps prepare_data in a barrier of every rank.
         if self.splits:
             return
+        if self.shapes is not None:
+            build(self.root, self.shapes)
         ids = category_ids(read_coco(self.root, "train"), self.categories)
         for split in ("train", "val", "test"):
             self.splits[split] = CocoImages(self.root, split, ids, self.image_size, self.channel_map)

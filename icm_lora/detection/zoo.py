@@ -5,8 +5,10 @@ On disk it is what ``icm_lora.zoo.Zoo`` reads (``metadata.json`` with the layout
 DataModule, normalisation and adapter writing are shared with the language domain. Each task is
 trained with Lightning; the LoRA is snapshotted every ``checkpoint_every`` steps over the last
 ``num_checkpoints * checkpoint_every`` steps (the constant-rate phase). An entry is hashed on the
-task's data, the learning settings and the base detector's pretraining, and the metadata is written
-after every task, so an interrupted build resumes at the first unfinished task.
+task's data, the learning settings and the base detector's identity, and the metadata is written
+after every task, so an interrupted build resumes at the first unfinished task. Under DDP the ranks
+split the tasks, as the language zoo's builder does: in each round every rank trains one task on its
+own device, and rank 0 records the round's entries.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from peft import get_peft_model, get_peft_model_state_dict
 from .. import files
 from ..flat import FlatLayout
 from ..hardware import describe, trainer_precision
+from ..ranks import Ranks
 from ..tasks import fingerprint, slug
 from ..zoo import METADATA, VERSION, ZooMismatch, _jsonable
 from .bases import BaseDetector
@@ -114,20 +117,32 @@ def stale_tasks(root: str | Path, tasks: list[DetectionTask], resolver: DatasetR
 
 
 def build_zoo(root: str | Path, base: BaseDetector, tasks: list[DetectionTask], resolver: DatasetResolver,
-              lora: DetectorLoRA, training: DetectionTraining, accelerator: str = "auto") -> dict:
-    """Train and store the LoRA of every task the zoo lacks or holds stale; returns the metadata."""
-    root = Path(root)
+              lora: DetectorLoRA, training: DetectionTraining, device: torch.device | None = None,
+              ranks: Ranks | None = None) -> dict:
+    """Train and store the LoRA of every task the zoo lacks or holds stale; returns the metadata.
+
+    Args:
+        device: where this rank trains (default: CPU).
+        ranks: this process among the run's processes (default: from ``torch.distributed``).
+    """
+    root, ranks = Path(root), ranks or Ranks.current()
     layout = lora_layout(base.model, lora)
     meta = _open_metadata(root, header(base, lora, layout))
     key = base.key()
-    todo = stale_tasks(root, tasks, resolver, training, key)
-    if todo:
-        print(f"detection zoo {root}: training {len(todo)} of {len(tasks)} tasks")
-    for task in tasks:
-        if task.name in todo:
-            meta["tasks"][task.name] = _train_task(root, base, task, resolver, lora, training, layout, accelerator) | {
-                "hash": entry_hash(resolver.source(task), training, key)}
+    stale = ranks.gather(stale_tasks(root, tasks, resolver, training, key))[0]  # rank 0 decides for all
+    todo = [t for t in tasks if t.name in stale]
+    if todo and ranks.is_main:
+        print(f"detection zoo {root}: training {len(todo)} of {len(tasks)} tasks"
+              + (f" on {ranks.world} ranks" if ranks.world > 1 else ""))
+    for first in range(0, len(todo), ranks.world):
+        mine = ranks.share(todo[first : first + ranks.world])[:1]
+        done = [(task.name, _train_task(root, base, task, resolver, lora, training, layout, device or torch.device("cpu"))
+                 | {"hash": entry_hash(resolver.source(task), training, key)}) for task in mine]
+        for name, entry in (pair for part in ranks.gather(done) for pair in part):
+            meta["tasks"][name] = entry
+        if ranks.is_main:
             files.write_json(root / METADATA, meta)
+    ranks.barrier()  # every rank reads the finished metadata
     return meta
 
 
@@ -144,16 +159,16 @@ def _open_metadata(root: Path, new: dict) -> dict:
 
 
 def _train_task(root: Path, base: BaseDetector, task: DetectionTask, resolver: DatasetResolver, lora: DetectorLoRA,
-                training: DetectionTraining, layout: FlatLayout, accelerator: str) -> dict:
+                training: DetectionTraining, layout: FlatLayout, device: torch.device) -> dict:
     data = DetectionData(root=str(resolver.root(task)), categories=task.categories, image_size=base.image_size,
                          batch_size=training.batch_size, channel_map=base.channel_map)
     system = DetectorSystem(base=base.name, lora=lora, lr=training.lr, schedule="constant",
                             weight_decay=training.weight_decay, warmup_steps=training.warmup_steps,
                             image_size=base.image_size)
     snaps = Snapshots(layout, training.steps, training.num_checkpoints, training.checkpoint_every)
-    quiet = dict(accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
-                 enable_progress_bar=False, enable_model_summary=False,
-                 precision=trainer_precision(training.precision, accelerator))
+    quiet = dict(accelerator=device.type, devices=[device.index or 0] if device.type == "cuda" else 1, logger=False,
+                 enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                 strategy="auto", precision=trainer_precision(training.precision, device.type))
     trainer = L.Trainer(max_steps=training.steps, callbacks=[snaps], num_sanity_val_steps=0, limit_val_batches=0,
                         **quiet)
     with torch.random.fork_rng():

@@ -24,6 +24,7 @@ from .. import files
 from ..condition import ConditionScaler
 from ..data import CONDITIONS, NORMALIZATIONS, MetaBatchSampler, PredictInputError, ZooDataset
 from ..hardware import resolve_precision, trainer_precision
+from ..ranks import Ranks
 from ..tasks import fingerprint, slug
 from ..zoo import Zoo, ZooMismatch
 from .bases import load_base, missing
@@ -133,15 +134,18 @@ class DetectionZooData(L.LightningDataModule):
         return [name for name, h in self._condition_hashes().items() if built.get(name) != h]
 
     def build(self) -> None:
-        """Train the LoRAs the zoo lacks, then the task vectors it lacks."""
+        """Train the LoRAs the zoo lacks (the ranks split the tasks), then the task vectors it lacks (rank 0)."""
+        ranks = Ranks.current()
         start = time.time()
-        accelerator = self.device.type
-        build_zoo(self.zoo_dir, self.base, self.task_specs, self.resolver, self.lora, self.training, accelerator)
+        build_zoo(self.zoo_dir, self.base, self.task_specs, self.resolver, self.lora, self.training, self.device,
+                  ranks)
         self.phase_seconds["LoRA zoo"] = time.time() - start
-        stale = self._stale_conditions()
+        stale = ranks.gather(self._stale_conditions())[0]
         if stale:
             start = time.time()
-            self._build_conditions(stale)
+            if ranks.is_main:
+                self._build_conditions(stale)
+            ranks.barrier()
             self.phase_seconds["task vectors"] = time.time() - start
 
     def _build_conditions(self, names: list[str]) -> None:
