@@ -270,3 +270,15 @@ def test_two_ranks_split_the_detection_zoo_and_its_evaluation_and_agree_with_one
     assert len(tables) == 1 and proc.stdout.count("Per-task detection test table") == 1
     for task in (*one.task_names, "mean"):
         assert tables[0].read_text().count(f"| {task} |") == 1
+
+
+def test_the_pretraining_key_is_stable_so_cached_base_detectors_and_zoos_stay_valid():
+    """The key was computed by the release that built the committed results; a new argument of
+    DetectionData or DetectorSystem would change it and retrain every cached base and zoo."""
+    from icm_lora.detection import pretrain
+
+    root = Path(TINY_YAML).parent
+    p = pretrain.parser()
+    keys = {name: pretrain.settings_key(p.parse_object(pretrain.config_sections(str(root / name))))
+            for name in ("tiny_detection.yaml", "shapes.yaml")}
+    assert keys == {"tiny_detection.yaml": "cbb45b5c75d7c222", "shapes.yaml": "6ff43549e4308dab"}

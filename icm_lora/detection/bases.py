@@ -29,7 +29,7 @@ class BaseDetector(ABC):
     Attributes:
         name: how it is named (a folder or a hub id); adapters record it as their base model.
         model: the bare ``nn.Module`` (fp32, eval mode, frozen); PEFT wraps it for LoRA.
-        image_size: the square side images are resized to.
+        image_size: the square side images are resized to (a transformers base: as configured, or None).
         token_dim: width of the encoder tokens a task vector is made of.
     """
 

@@ -133,14 +133,17 @@ class DetectionData(L.LightningDataModule):
         image_size: the detector's input side.
         batch_size: images per training step.
         num_workers: loader processes.
-        channel_map: gives the base's class channel of each category id (``BaseDetector.channel_map``).
+
+    ``channel_map`` (set by the zoo builder, not a setting: the pretraining key is made of these
+    arguments) gives a base's class channel of each category id (``BaseDetector.channel_map``).
     """
 
     def __init__(self, root: str = "zoo/detection/shapes", categories: list[str] | None = None,
                  shapes: ShapesSpec | None = None, image_size: int = 64, batch_size: int = 32,
-                 num_workers: int = 0, channel_map: Callable[[COCO, list[int]], dict[int, int]] | None = None) -> None:
+                 num_workers: int = 0) -> None:
         super().__init__()
-        self.root, self.categories, self.shapes, self.channel_map = root, categories, shapes, channel_map
+        self.root, self.categories, self.shapes = root, categories, shapes
+        self.channel_map: Callable[[COCO, list[int]], dict[int, int]] | None = None
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
         self.splits: dict[str, CocoImages] = {}
 

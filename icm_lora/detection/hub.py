@@ -86,14 +86,11 @@ class HubDetector(BaseDetector):
 
     Args:
         name: hub id or local folder.
-        image_size: the square side images are resized to.
+        image_size: the square side images are resized to (None: not known here; the DataModule needs it).
     """
 
     def __init__(self, name: str, image_size: int | None) -> None:
-        if not image_size:
-            raise ValueError(f"base model {name}: a transformers detector needs data.image_size (the side "
-                             "images are resized to)")
-        self.name, self.image_size = name, int(image_size)
+        self.name, self.image_size = name, image_size
         self.model = load_model(name)
         self.mean, self.std = normalisation(name)
         with torch.no_grad():

@@ -60,19 +60,18 @@ class DetectorSystem(L.LightningModule):
         box_weight: weight of the box L1 against the focal loss (the project's detector; a transformers
             detector weighs its loss terms by its config).
         top_k: detections kept per image when scoring.
-        image_size: the side images are resized to, for a transformers base (the project's detector has its own).
     """
 
     def __init__(self, detector: DetectorConfig | None = None, base: str | None = None, lora: DetectorLoRA | None = None,
                  lr: float = 2.0e-3, schedule: str = "cosine", weight_decay: float = 0.05, warmup_steps: int = 100,
-                 box_weight: float = 1.0, top_k: int = 100, image_size: int | None = None) -> None:
+                 box_weight: float = 1.0, top_k: int = 100) -> None:
         super().__init__()
         self.save_hyperparameters()
         if schedule not in ("cosine", "constant"):
             raise ValueError(f"detector training: schedule must be cosine or constant, got {schedule!r}")
         if lora is not None and base is None:
             raise ValueError("detector LoRA: give the frozen base detector's folder as base")
-        self.base: BaseDetector = (load_base(base, image_size) if base
+        self.base: BaseDetector = (load_base(base) if base
                                    else OwnDetector(Detector(detector or DetectorConfig()), box_weight=box_weight))
         if isinstance(self.base, OwnDetector):
             self.base.box_weight = box_weight

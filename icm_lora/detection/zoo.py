@@ -161,10 +161,10 @@ def _open_metadata(root: Path, new: dict) -> dict:
 def _train_task(root: Path, base: BaseDetector, task: DetectionTask, resolver: DatasetResolver, lora: DetectorLoRA,
                 training: DetectionTraining, layout: FlatLayout, device: torch.device) -> dict:
     data = DetectionData(root=str(resolver.root(task)), categories=task.categories, image_size=base.image_size,
-                         batch_size=training.batch_size, channel_map=base.channel_map)
+                         batch_size=training.batch_size)
+    data.channel_map = base.channel_map
     system = DetectorSystem(base=base.name, lora=lora, lr=training.lr, schedule="constant",
-                            weight_decay=training.weight_decay, warmup_steps=training.warmup_steps,
-                            image_size=base.image_size)
+                            weight_decay=training.weight_decay, warmup_steps=training.warmup_steps)
     snaps = Snapshots(layout, training.steps, training.num_checkpoints, training.checkpoint_every)
     quiet = dict(accelerator=device.type, devices=[device.index or 0] if device.type == "cuda" else 1, logger=False,
                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

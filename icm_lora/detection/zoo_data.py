@@ -91,6 +91,9 @@ class DetectionZooData(L.LightningDataModule):
         start = time.time()
         self._check_inputs(base_dir)
         self.base = load_base(base_dir, image_size)
+        if not self.base.image_size:
+            raise ValueError(f"base model {base_dir}: a transformers detector needs data.image_size (the side "
+                             "images are resized to)")
         self.image_size = self.base.image_size
         self.layout = lora_layout(self.base.model, self.lora)
         self.lora_dim, self.cond_dim = self.layout.dim, 2 * self.base.token_dim
