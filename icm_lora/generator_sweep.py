@@ -1,10 +1,12 @@
 """Choose the generator's settings on the validation folds of ``make openworld``.
 
     python -m icm_lora.generator_sweep --config experiments/openworld.yaml
+    python -m icm_lora.generator_sweep --config experiments/openworld.yaml --sweep generator_sweep_dense
     python -m icm_lora.generator_sweep --config experiments/openworld.yaml --sweep sg_lora_sweep
 
-Each setting of the YAML's ``generator_sweep`` section (or of ``sg_lora_sweep``: SG-LoRA's K, tau,
-M and lambda) changes the config by dotted keys, as on the
+Each setting of the YAML's ``generator_sweep`` section (or of ``generator_sweep_dense``: the
+condition, normalisation, capacity and zoo size on top of the dense head; or of ``sg_lora_sweep``:
+SG-LoRA's K, tau, M and lambda) changes the config by dotted keys, as on the
 command line (``model.kl_weight``, ``trainer.max_epochs``, ``data.condition.layer``, ...), and may
 train on a thinner zoo (``seen_every: 2``: every second seen task only). For each setting and each
 validation fold, the fold's generator is trained on the fold's seen tasks exactly as the benchmark

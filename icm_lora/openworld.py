@@ -69,6 +69,8 @@ from icm_lora.zoo_build import build
 
 KINDS = ("task_vector", "description")  # the stored conditions every fold's baselines read
 SG_LORA = "SG-LoRA (description)"
+# python -m icm_lora.generator_sweep --sweep <section>: the YAML sections it can run
+SWEEPS = ("generator_sweep", "generator_sweep_dense", "sg_lora_sweep")
 
 
 class OpenWorldError(ValueError):
@@ -134,10 +136,10 @@ class OpenWorldCLI(ICMLoRACLI):
         parser.add_class_arguments(OpenWorld, "openworld")
         parser.add_class_arguments(LoRASweep, "lora_sweep")
         parser.add_class_arguments(GeneratorSweep, "generator_sweep")
+        parser.add_class_arguments(GeneratorSweep, "generator_sweep_dense")
         parser.add_class_arguments(GeneratorSweep, "sg_lora_sweep")
-        parser.add_argument("--sweep", type=Literal["generator_sweep", "sg_lora_sweep"], default="generator_sweep",
-                            help="python -m icm_lora.generator_sweep: the section to run (generator_sweep or "
-                                 "sg_lora_sweep)")
+        parser.add_argument("--sweep", type=Literal[SWEEPS], default="generator_sweep",
+                            help="python -m icm_lora.generator_sweep: the section to run (" + ", ".join(SWEEPS) + ")")
 
 
 def check(spec: OpenWorld, names: list[str]) -> None:

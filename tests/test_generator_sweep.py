@@ -2,6 +2,7 @@
 other settings kept out of the zoo, generators reused, and retrained when their settings change."""
 
 import csv
+import inspect
 import random
 import shutil
 
@@ -160,3 +161,25 @@ def test_sg_lora_sweep_section_and_settings_win_over_the_kinds_changes(tmp_path,
     table = (tmp_path / "results" / "sg.md").read_text()
     assert "SG-LoRA (description) closes" in table and "mu* (top-K weighted by description)" in table
     assert "| top 1 |" in table
+
+
+def test_every_sweep_section_of_openworld_yaml_is_a_valid_sweep_with_distinct_outputs():
+    from conftest import ROOT
+    from icm_lora.semantic import SemanticSpec
+    from icm_lora.system import ICMLoRA
+
+    cfg = yaml.safe_load((ROOT / "experiments" / "openworld.yaml").read_text())
+    folds = [Fold(**f) for f in cfg["openworld"]["folds"]]
+    known = {"model": ICMLoRA, "data": ZooDataModule, "data.condition": ConditionSpec, "data.semantic": SemanticSpec}
+    outputs = set()
+    for section in openworld.SWEEPS:
+        spec = cfg[section]
+        settings = [GeneratorSetting(**s) for s in spec["settings"]]
+        assert check(GeneratorSweep(spec["kind"], settings, spec["output"]), folds)  # the validation folds
+        outputs.add(spec["output"])
+        for s in settings:  # a misspelt key would only fail mid-sweep, hours in
+            for key in s.changes:
+                owner, name = key.rsplit(".", 1)
+                if owner in known:
+                    assert name in inspect.signature(known[owner]).parameters, f"{section}/{s.name}: {key}"
+    assert len(outputs) == len(openworld.SWEEPS)  # no sweep overwrites another's table
