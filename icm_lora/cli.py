@@ -15,6 +15,7 @@ from icm_lora import files, hardware
 from icm_lora.base import Unreachable
 from icm_lora.callbacks import AdapterWriter, DownstreamEval
 from icm_lora.data import PredictInputError, ZooDataModule
+from icm_lora.ranks import close_process_group
 from icm_lora.semantic import FarDescription
 from icm_lora.system import ICMLoRA
 from icm_lora.zoo import ZooMismatch
@@ -143,7 +144,9 @@ def main(args: list[str] | None = None) -> ICMLoRACLI:
             return fuse()
         return fuse(argv[1:])
     try:
-        return ICMLoRACLI(ICMLoRA, ZooDataModule, trainer_class=Trainer, args=args,
-                          save_config_kwargs={"overwrite": True})
+        cli = ICMLoRACLI(ICMLoRA, ZooDataModule, trainer_class=Trainer, args=args,
+                         save_config_kwargs={"overwrite": True})
     except (Unreachable, ZooMismatch, FarDescription, PredictInputError) as err:
         raise SystemExit(f"icm_lora: {err}") from None
+    close_process_group()  # a DDP run on CPUs (gloo) ends here, not in interpreter shutdown
+    return cli

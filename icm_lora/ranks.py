@@ -55,3 +55,16 @@ class Ranks:
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
+
+
+def close_process_group() -> None:
+    """End a distributed run cleanly: every rank waits for the others, then destroys the group.
+
+    Lightning destroys the process group at exit only for NCCL. A gloo group (DDP on CPUs) left to
+    interpreter shutdown can abort the process ("terminate called without an active exception",
+    exit -6) after the run itself has finished; call this once a CLI command has succeeded on
+    every rank. Outside a distributed run it does nothing.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

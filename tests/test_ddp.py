@@ -42,3 +42,16 @@ def test_two_ranks_split_the_work_and_agree_with_one(tiny_run, tmp_path):
     for task in (*TASKS, "mean"):
         assert tables[0].read_text().count(f"| {task} |") == 1
     assert "2 ranks" in (tables[0].parent / "phases.md").read_text()
+
+
+def test_close_process_group_destroys_an_open_gloo_group_and_is_a_no_op_without_one(tmp_path):
+    """Lightning leaves a gloo group to interpreter shutdown, which can abort a finished run (exit -6)."""
+    import torch.distributed as dist
+
+    from icm_lora.ranks import Ranks, close_process_group
+
+    close_process_group()  # no group: nothing to do
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    assert Ranks.current() == Ranks(0, 1)
+    close_process_group()
+    assert not dist.is_initialized() and Ranks.current() == Ranks()

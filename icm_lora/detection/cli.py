@@ -11,6 +11,7 @@ import time
 
 from ..cli import ICMLoRACLI, Trainer
 from ..data import PredictInputError
+from ..ranks import close_process_group
 from ..system import ICMLoRA
 from ..zoo import ZooMismatch
 from . import pretrain
@@ -49,8 +50,10 @@ class DetectionCLI(ICMLoRACLI):
 def main(args: list[str] | None = None) -> DetectionCLI:
     """Run the detection CLI; a mismatched zoo, a missing dataset or a bad predict task ends with one line."""
     try:
-        return DetectionCLI(ICMLoRA, DetectionZooData, trainer_class=Trainer, args=args,
-                            save_config_kwargs={"overwrite": True},
-                            parser_kwargs={"prog": "python -m icm_lora.detection"})
+        cli = DetectionCLI(ICMLoRA, DetectionZooData, trainer_class=Trainer, args=args,
+                           save_config_kwargs={"overwrite": True},
+                           parser_kwargs={"prog": "python -m icm_lora.detection"})
     except (ZooMismatch, PredictInputError, FileNotFoundError, ValueError) as err:  # our errors name the file
         raise SystemExit(f"icm_lora.detection: {err}") from None
+    close_process_group()  # a DDP run on CPUs (gloo) ends here, not in interpreter shutdown
+    return cli

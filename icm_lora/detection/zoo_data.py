@@ -136,10 +136,22 @@ class DetectionZooData(L.LightningDataModule):
             return [t.name for t in self.task_specs]
         return [name for name, h in self._condition_hashes().items() if built.get(name) != h]
 
+    def _write_datasets(self, ranks: Ranks) -> None:
+        """Write the config's datasets (synthetic, COCO subsets) that are not on disk yet, on rank 0 only.
+
+        Two tasks may share a dataset and the ranks train different tasks: were each rank to write
+        what it reads, two would write one folder at once and one would replace it under the other.
+        """
+        if ranks.is_main:
+            for task in self.task_specs:
+                self.resolver.root(task)
+        ranks.barrier()
+
     def build(self) -> None:
         """Train the LoRAs the zoo lacks (the ranks split the tasks), then the task vectors it lacks (rank 0)."""
         ranks = Ranks.current()
         start = time.time()
+        self._write_datasets(ranks)  # counted in the zoo phase
         build_zoo(self.zoo_dir, self.base, self.task_specs, self.resolver, self.lora, self.training, self.device,
                   ranks)
         self.phase_seconds["LoRA zoo"] = time.time() - start
@@ -180,7 +192,11 @@ class DetectionZooData(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if getattr(self, "zoo", None) is not None:
             return
-        self.build() if stage == "fit" else self._check_current()
+        if stage == "fit":
+            self.build()
+        else:
+            self._write_datasets(Ranks.current())  # evaluation reads them
+            self._check_current()
         self.zoo = Zoo(self.zoo_dir)
         if self.zoo.layout != self.layout:
             raise ValueError(f"{self.zoo_dir / 'metadata.json'}: the zoo's LoRA layout does not match data.lora")
