@@ -7,7 +7,9 @@
 (``fusion.py``); tasks are zoo task names or task files (``examples`` and/or ``description``, as for
 ``predict``). ``--method merge`` merges the tasks' own LoRAs without the generator (``merge.py``:
 ``merge.method`` task_arithmetic, ties, tsv_m, iso_cts, knots or peft_<type>); tasks are zoo task
-names or PEFT adapter folders of the zoo's base model and LoRA structure.
+names or PEFT adapter folders of the zoo's base model and LoRA structure. ``--method lorahub`` is
+task arithmetic of the zoo tasks' own LoRAs with one weight per task fitted gradient-free on their
+demonstrations (``lorahub.py``).
 
 The folder ``<output_dir>/<name>/`` is a standard PEFT adapter; ``generation.json`` beside it (and the
 safetensors header) records the tasks, the method, the rule and its settings, and the weights. Any
@@ -36,11 +38,12 @@ from icm_lora.evaluate import LiveAdapter
 from icm_lora.flat import FlatLayout
 from icm_lora.fusion import DemoLoss, FusionError, FusionSpec, LatentFusion
 from icm_lora.hardware import resolve_precision
+from icm_lora.lorahub import LoraHubSpec, lorahub
 from icm_lora.merge import MergeError, MergeSpec, delta_weights, factorize, merge, merged_config, peft_merge, skeleton
 from icm_lora.semantic import FarDescription
 from icm_lora.system import ICMLoRA
 from icm_lora.tasks import load_task_file, slug
-from icm_lora.zoo import ZooMismatch
+from icm_lora.zoo import LoRASpec, ZooMismatch, lora_layout
 
 
 @dataclass
@@ -67,6 +70,7 @@ class FusionBench:
         fusions: ICM-Fusion's rows: label -> grid of ``FusionSpec`` settings (the first is the default);
             a ``scale`` of ``T^p`` means (set size) ** p.
         merges: the baselines' rows: ``MergeSpec.method`` -> grid of its settings (the first: its defaults).
+        lorahub: LoraHub's row: grid of ``LoraHubSpec`` settings (the first: its defaults; empty: no row).
         union_steps: training steps per task of the set's union LoRA (0: no union LoRA).
         union_max_steps: cap on the union LoRA's steps.
         output: path stem of the table and CSV; per-set results go to ``<output>_runs/``.
@@ -75,6 +79,7 @@ class FusionBench:
     sets: list[FusionSet] = field(default_factory=list)
     fusions: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     merges: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    lorahub: list[dict[str, Any]] = field(default_factory=list)
     union_steps: int = 64
     union_max_steps: int = 512
     output: str = "results/fusion"
@@ -89,12 +94,14 @@ class FuseCLI(ICMLoRACLI):
                             help="the generator's checkpoint (icm_fusion), e.g. .../checkpoints/best.ckpt")
         parser.add_argument("--tasks", type=list[str], default=[],
                             help="zoo task names, task files, or (merge) PEFT adapter folders")
-        parser.add_argument("--method", type=Literal["icm_fusion", "merge"], default="icm_fusion",
-                            help="icm_fusion: in the generator's latent space; merge: the tasks' own LoRAs, no generator")
+        parser.add_argument("--method", type=Literal["icm_fusion", "merge", "lorahub"], default="icm_fusion",
+                            help="icm_fusion: in the generator's latent space; merge: the tasks' own LoRAs, no "
+                                 "generator; lorahub: their weighted sum, weights fitted on the demonstrations")
         parser.add_argument("--name", type=str | None, default=None, help="the folder's name (default: the tasks joined)")
         parser.add_argument("--output_dir", type=str, default="generated_adapters/fused")
         parser.add_class_arguments(FusionSpec, "fusion")
         parser.add_class_arguments(MergeSpec, "merge")
+        parser.add_class_arguments(LoraHubSpec, "lorahub")
         parser.add_class_arguments(FusionBench, "fusion_bench")  # read by python -m icm_lora.fusion_bench only
 
 
@@ -173,6 +180,35 @@ def run_merge(dm: ZooDataModule, items: list[str], spec: MergeSpec) -> tuple[lis
                                                   "weights": [1.0] * len(flats)}
 
 
+def wide_live(dm: ZooDataModule, rank: int) -> LiveAdapter:
+    """A base model wrapped in PEFT with the zoo's target modules at rank ``rank`` and scaling 1: room for
+    the exact sum of up to rank / r of the zoo's LoRAs (``lorahub.stacked``)."""
+    wide = LoRASpec(r=rank, lora_alpha=rank, target_modules=list(dm.lora.target_modules),
+                    layers_to_transform=dm.lora.layers_to_transform)
+    model, _ = base.load(dm.base_model, dm.cache_dir)
+    return LiveAdapter(model.to(dm.device), wide.peft_config(),
+                       lora_layout(base.load_config(dm.base_model, dm.cache_dir), wide))
+
+
+def run_lorahub(dm: ZooDataModule, items: list[str], spec: LoraHubSpec, live: LiveAdapter | None = None,
+                tokenizer=None) -> tuple[list[str], dict[str, Tensor], dict]:
+    """LoraHub on zoo tasks: names, the per-module ΔW = Σ w_i ΔW_i with weights fitted on the tasks'
+    demonstrations, and what was done. ``live`` (scaling 1, rank >= T·r) is built here when not given."""
+    outside = [i for i in items if i not in dm.task_names]
+    if outside:
+        raise FusionError(f"{outside[0]}: --method lorahub fits weights for zoo tasks' own LoRAs on their "
+                          "demonstrations; give zoo task names (adapter folders go with --method merge)")
+    flats = [dm.zoo.final(n) for n in items]
+    demos = [dm.tasks[dm.task_names.index(n)].demos for n in items]
+    if live is None:
+        live = wide_live(dm, len(items) * dm.lora.r)
+        tokenizer = base.load(dm.base_model, dm.cache_dir)[1]
+    weights, search = lorahub(flats, dm.layout, dm.lora, live, tokenizer, demos, spec)
+    deltas = merge([delta_weights(f, dm.layout, dm.lora) for f in flats], weights, MergeSpec())
+    return list(items), deltas, {"method": "lorahub", "lorahub": asdict(spec), "weights": weights.tolist(),
+                                 "search": search}
+
+
 def run_icm_fusion(dm: ZooDataModule, system: ICMLoRA, items: list[str], spec: FusionSpec,
                    live: LiveAdapter | None = None, tokenizer=None) -> tuple[list[str], Tensor, dict]:
     """Latent fusion: names, the (D,) fused LoRA in the zoo's layout, and what was done. ``optimize``
@@ -243,6 +279,8 @@ def run_fuse(cli: FuseCLI) -> Path:
     dm.setup("predict")  # reads the zoo and conditions; never builds
     if cfg.method == "merge":
         names, result, record = run_merge(dm, items, cli.config_init["merge"])
+    elif cfg.method == "lorahub":
+        names, result, record = run_lorahub(dm, items, cli.config_init["lorahub"])
     else:
         if not cfg.ckpt_path:
             raise FusionError("--method icm_fusion needs --ckpt_path (the generator's checkpoint)")
@@ -253,8 +291,9 @@ def run_fuse(cli: FuseCLI) -> Path:
         record["generator_checkpoint"] = str(cfg.ckpt_path)
     name = cfg.name or "+".join(slug(n) for n in names)
     folder = write_fused(dm, Path(cfg.output_dir) / name[:120], names, result, record)
-    print(f"fused {', '.join(names)} ({record['method']}"
-          f"{', rule ' + record['fusion']['rule'] if 'fusion' in record else ', ' + record['merge']['method']}, "
+    how = {"icm_fusion": lambda: f", rule {record['fusion']['rule']}", "merge": lambda: f", {record['merge']['method']}",
+           "lorahub": lambda: f", {record['search']['evaluations']} evaluations"}[record["method"]]()
+    print(f"fused {', '.join(names)} ({record['method']}{how}, "
           f"weights {', '.join(f'{w:.3f}' for w in record['weights'])}) -> {folder}")
     return folder
 

@@ -8,6 +8,8 @@ all), every method fuses the tasks' adapters into one, which is scored on each t
 - ICM-Fusion's latent rules (``fusion_bench.fusions``: label -> grid of ``fusion.*`` settings);
 - the data-free merges of the tasks' own LoRAs (``fusion_bench.merges``: method -> grid of ``merge.*``
   settings), PEFT's ``add_weighted_adapter`` types among them;
+- LoraHub (``fusion_bench.lorahub``: grid of ``lorahub.*`` settings): their weighted sum, the weights
+  fitted gradient-free on the tasks' demonstrations;
 - a LoRA trained on the union of the set's training text (``union_steps`` per task, capped at
   ``union_max_steps``), the reference a data-free method tries to approach;
 - each task's own LoRA (the per-task ceiling) and the base model.
@@ -18,7 +20,7 @@ retention is the set's summed gain over its own LoRAs' summed gain, which stays 
 task's own LoRA gains little on a short text. Every method's settings are chosen by pooled
 retention on the tasks' validation text (the first setting of a grid is the method's default; each
 grid is the same size for every method, ICM-Fusion's included), and reported on their test text, at
-its defaults and tuned. Sets resume: a finished set's rows are kept in
+its defaults and tuned. Without ICM-Fusion rows no generator is needed. Sets resume: a finished set's rows are kept in
 ``<output>_runs/<set>.json``. Writes ``<output>.md`` and ``<output>.csv``.
 """
 
@@ -42,8 +44,9 @@ from icm_lora.baselines import gap_closed
 from icm_lora.cli import Trainer
 from icm_lora.data import ZooDataModule
 from icm_lora.evaluate import LiveAdapter, Score, TextScorer
-from icm_lora.fuse import FuseCLI, FusionSet, load_generator, merge_flats, run_icm_fusion
+from icm_lora.fuse import FuseCLI, FusionSet, load_generator, merge_flats, run_icm_fusion, run_lorahub
 from icm_lora.fusion import FusionError, FusionSpec
+from icm_lora.lorahub import LoraHubSpec
 from icm_lora.merge import MergeSpec, delta_weights, factorize, module_names
 from icm_lora.openworld import forget_other_settings, generator_key
 from icm_lora.system import ICMLoRA
@@ -81,11 +84,11 @@ class Bench:
         self.cli, self.spec = cli, cli.config_init["fusion_bench"]
         self.out = Path(self.spec.output)
         self.runs = self.out.parent / f"{self.out.name}_runs"
-        self.ckpt_path = cli.config.ckpt_path or self.train_generator()
+        self.ckpt_path = cli.config.ckpt_path or (self.train_generator() if self.spec.fusions else None)
         self.dm: ZooDataModule = cli.datamodule
         self.dm.setup("predict")
         self.tasks = {t.name: t for t in self.dm.tasks}
-        self.system = load_generator(cli.model, self.ckpt_path)
+        self.system = load_generator(cli.model, self.ckpt_path) if self.ckpt_path else None
         shapes = {seg.name: seg.shape for seg in self.dm.layout.segments}
         # Full rank of the widest module: exact for any merged update (TIES on ΔW is full rank).
         self.rank = max(min(shapes[m + ".lora_B.weight"][0], shapes[m + ".lora_A.weight"][1])
@@ -198,6 +201,10 @@ class Bench:
                          scale=resolve_scale(settings.get("scale", 1.0), len(names)))
         return merge_flats(self.dm, [self.dm.zoo.final(n) for n in names], spec, self.zoo_live.model)
 
+    def lorahubbed(self, names: list[str], settings: dict) -> dict[str, Tensor]:
+        """LoraHub's ΔW, its weights fitted on the demonstrations through the scorer's wide adapter."""
+        return run_lorahub(self.dm, names, LoraHubSpec(**settings), self.live, self.tokenizer)[1]
+
     def union(self, s: FusionSet, names: list[str]) -> Tensor:
         """A LoRA trained on the union of the set's training text (built once, kept under the zoo)."""
         steps = min(self.spec.union_steps * len(names), self.spec.union_max_steps)
@@ -222,6 +229,9 @@ class Bench:
             candidates.append((label, "ICM-Fusion", grid, lambda st, n=names: self.fused(n, st)))
         for method, grid in self.spec.merges.items():
             candidates.append((method, "merge", grid, lambda st, m=method, n=names: self.merged(n, m, st)))
+        if self.spec.lorahub:
+            candidates.append(("LoraHub (weights fitted on demonstrations)", "merge", self.spec.lorahub,
+                               lambda st, n=names: self.lorahubbed(n, st)))
         rows = []
         for label, family, grid, make in candidates:
             start = time.time()
@@ -267,7 +277,7 @@ class Bench:
             path = self.runs / f"{slug(s.name)}.json"
             key = {"tasks": self.members(s), "fusions": self.spec.fusions, "merges": self.spec.merges,
                    "union_steps": self.spec.union_steps, "union_max_steps": self.spec.union_max_steps, "selection": "pooled",
-                   "checkpoint": str(self.ckpt_path)}
+                   "checkpoint": str(self.ckpt_path)} | ({"lorahub": self.spec.lorahub} if self.spec.lorahub else {})
             done = files.read_json(path) if path.exists() else {}
             if done.get("key") != key:
                 print(f"fusion set {s.name} ({len(key['tasks'])} tasks) ...", flush=True)
@@ -285,7 +295,7 @@ class Bench:
 
     def hardware(self) -> str:
         return (f"Hardware: {hardware.describe(self.dm.device)}, scoring {self.precision}; generator "
-                f"{self.ckpt_path}")
+                f"{self.ckpt_path or 'none (no ICM-Fusion rows)'}")
 
 
 def format_tables(rows: list[dict], header: str) -> tuple[str, str]:

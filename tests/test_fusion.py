@@ -197,10 +197,12 @@ def test_fusion_bench_on_the_tiny_zoo(tiny_run, monkeypatch):
             "--fusion_bench.fusions", '{"ICM-Fusion (mean)": [{rule: mean}, {rule: mean, scale: "T^0.5"}], '
             '"ICM-Fusion (optimise)": [{rule: optimize, steps: 2, precision: fp32}]}',
             "--fusion_bench.merges", "{task_arithmetic: [{scale: 1.0}, {scale: 0.5}], peft_cat: [{}], iso_cts: [{}]}",
+            "--fusion_bench.lorahub", "[{budget: 3, precision: fp32}, {budget: 3, loss: lag, precision: fp32}]",
             "--fusion_bench.union_steps", "2"]
     rows = fusion_bench.main(args)
     methods = {r["method"] for r in rows}
     assert {"ICM-Fusion (mean)", "ICM-Fusion (optimise)", "task_arithmetic", "peft_cat", "iso_cts", "base model",
+            "LoraHub (weights fitted on demonstrations)",
             "own LoRA per task (ceiling)", "union LoRA (trained on the set's text)"} <= methods
     by = {(r["set"], r["method"], r["chosen"]): r for r in rows}
     for s in ("pair", "all"):
@@ -228,5 +230,97 @@ def test_fusion_yaml_shares_the_openworld_zoo():
     names = {t["name"] for t in fu["data"]["tasks"]}
     for s in fu["fusion_bench"]["sets"]:
         assert s["tasks"] == ["all"] or set(s["tasks"]) <= names, s["name"]
-    sizes = {len(grid) for grid in [*fu["fusion_bench"]["fusions"].values(), *fu["fusion_bench"]["merges"].values()]}
+    grids = [*fu["fusion_bench"]["fusions"].values(), *fu["fusion_bench"]["merges"].values(), fu["fusion_bench"]["lorahub"]]
+    sizes = {len(grid) for grid in grids}
     assert sizes == {3}  # every method gets the same validation budget
+
+
+# ---- LoraHub ---------------------------------------------------------------------------------------
+def test_lorahub_search_finds_a_bounded_optimum_within_its_budget():
+    import numpy as np
+
+    from icm_lora.lorahub import LoraHubSpec, fit_weights
+
+    calls = []
+
+    def loss(w):
+        calls.append(w.copy())
+        return float(((w - np.array([0.7, -0.3, 3.0])) ** 2).sum())
+
+    w, info = fit_weights(loss, 3, LoraHubSpec(budget=80, l1=0.0))
+    assert len(calls) == info["evaluations"] <= 80 and np.abs(np.stack(calls)).max() <= 1.5
+    assert torch.allclose(w, torch.tensor([0.7, -0.3, 1.5]), atol=0.02)  # the third weight at its bound
+    assert info["objective"] < info["objective_at_init"] and calls[0].tolist() == [0.0, 0.0, 0.0]
+    shrunk, _ = fit_weights(loss, 3, LoraHubSpec(budget=80, l1=20.0))  # a large l1 keeps weights near 0
+    assert shrunk.abs().sum() < w.abs().sum()
+    with pytest.raises(FusionError, match="lorahub.loss"):
+        LoraHubSpec(loss="ce")
+
+
+def test_lorahub_stacked_lora_is_exactly_the_weighted_sum_of_the_updates():
+    from icm_lora.flat import FlatLayout
+    from icm_lora.lorahub import stacked
+    from icm_lora.merge import delta_weights, scaling
+    from icm_lora.zoo import LoRASpec
+
+    lora = LoRASpec(r=2, lora_alpha=6)
+    torch.manual_seed(0)
+
+    def adapter(r):
+        return {"m.lora_A.weight": torch.randn(r, 5), "m.lora_B.weight": torch.randn(4, r),
+                "n.lora_A.weight": torch.randn(r, 3), "n.lora_B.weight": torch.randn(6, r)}
+
+    layout, wide = FlatLayout.from_state_dict(adapter(2)), FlatLayout.from_state_dict(adapter(7))
+    flats = [layout.flatten(adapter(2)) for _ in range(3)]
+    w = torch.tensor([0.5, -1.25, 2.0])
+    got = delta_weights(stacked(flats, layout, lora, w, wide), wide, LoRASpec(r=7, lora_alpha=7))  # scaling 1
+    for m in ("m", "n"):
+        want = sum(wi * d[m] for wi, d in zip(w.double(), (delta_weights(f, layout, lora) for f in flats)))
+        assert torch.allclose(got[m], want, atol=1e-5)
+    assert scaling(lora) == 3.0
+    with pytest.raises(FusionError, match="rank >= 6"):  # three rank-2 LoRAs need rank 6
+        stacked(flats, layout, lora, w, FlatLayout.from_state_dict(adapter(5)))
+
+
+def test_lorahub_through_the_cli_writes_the_weighted_sum_plain_peft_loads(tiny_run, monkeypatch):
+    from icm_lora.zoo import Zoo
+
+    monkeypatch.chdir(tiny_run)
+    _, common = run_paths(tiny_run)
+    out = tiny_run / "fused"
+    main(["fuse", *common, "--method", "lorahub", "--tasks", "[legal, python]", "--output_dir", str(out),
+          "--name", "hub", "--lorahub.budget", "6", "--lorahub.precision", "fp32"])
+    folder = out / "hub"
+    record = files.read_json(folder / GENERATION)
+    assert record["method"] == "lorahub" and record["tasks"] == ["legal", "python"]
+    assert len(record["weights"]) == 2 and 1 <= record["search"]["evaluations"] <= 6
+    assert record["search"]["objective"] <= record["search"]["objective_at_init"] and any(record["weights"])
+    # The folder is Σ w_i ΔW_i of the tasks' own LoRAs, with the recorded weights, and plain PEFT loads it.
+    zoo = Zoo(tiny_run / "zoo")
+    owns = [zoo.layout.unflatten(zoo.final(t)) for t in ("legal", "python")]
+    merged = files.load_tensors(folder / WEIGHTS)
+    assert files.read_json(folder / "adapter_config.json")["lora_alpha"] == record["rank"]
+    for key in merged:
+        if key.endswith("lora_A.weight"):
+            m = key.removesuffix(".lora_A.weight")
+            expected = sum(w * 2.0 * own[m + ".lora_B.weight"] @ own[key] for w, own in zip(record["weights"], owns))
+            assert torch.allclose(merged[m + ".lora_B.weight"] @ merged[key], expected, atol=1e-5)
+    config = files.read_json(folder / "adapter_config.json")
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"]), folder)
+    bad = tiny_run / "fused_bad"
+    with pytest.raises(SystemExit, match="give zoo task names"):
+        main(["fuse", *common, "--method", "lorahub", "--tasks", f"[legal, {folder}]", "--output_dir", str(bad)])
+    assert not bad.exists()
+
+
+def test_a_bench_of_merges_only_needs_no_generator(tiny_run, monkeypatch):
+    monkeypatch.chdir(tiny_run)
+    _, common = run_paths(tiny_run)
+    out = tiny_run / "results" / "hub_only"
+    rows = fusion_bench.main([*common, "--fusion_bench.output", str(out),
+                              "--fusion_bench.sets", "[{name: pair, kind: pair, tasks: [legal, python]}]",
+                              "--fusion_bench.fusions", "{}", "--fusion_bench.merges", "{}",
+                              "--fusion_bench.lorahub", "[{budget: 2, precision: fp32}]", "--fusion_bench.union_steps", "0"])
+    assert [r["method"] for r in rows if r["chosen"] == "tuned"] == ["LoraHub (weights fitted on demonstrations)"]
+    assert not (out.parent / "hub_only_runs" / "generator").exists()  # nothing was fit
+    assert "generator none" in out.with_suffix(".md").read_text()
