@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from torch import Tensor
 
 from icm_lora import base, files, hardware
@@ -47,7 +46,7 @@ from icm_lora.evaluate import LiveAdapter, Score, TextScorer
 from icm_lora.fuse import FuseCLI, FusionSet, load_generator, merge_flats, run_icm_fusion, run_lorahub
 from icm_lora.fusion import FusionError, FusionSpec
 from icm_lora.lorahub import LoraHubSpec
-from icm_lora.merge import MergeSpec, delta_weights, factorize, module_names
+from icm_lora.merge import MergeSpec, delta_weights, factorize, module_names, pad_into
 from icm_lora.openworld import forget_other_settings, generator_key
 from icm_lora.system import ICMLoRA
 from icm_lora.tasks import Task, slug
@@ -152,13 +151,7 @@ class Bench:
         state, rank = factorize(deltas)
         if rank > self.rank:
             raise FusionError(f"a fused update of rank {rank} exceeds the scorer's rank {self.rank}")
-        wide = {}
-        for seg in self.wide_layout.segments:
-            t = torch.zeros(seg.shape)
-            part = state[seg.name]
-            t[: part.shape[0], : part.shape[1]] = part
-            wide[seg.name] = t
-        return self.wide_layout.flatten(wide)
+        return pad_into(state, self.wide_layout)
 
     def score(self, wide: Tensor | None, name: str, split: str) -> Score:
         """One task's score on its ``split`` text with a widened adapter (None: the base model)."""

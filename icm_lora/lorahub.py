@@ -29,7 +29,7 @@ from icm_lora.evaluate import LiveAdapter
 from icm_lora.flat import FlatLayout
 from icm_lora.fusion import DemoLoss, FusionError
 from icm_lora.hardware import resolve_precision
-from icm_lora.merge import A_SUFFIX, B_SUFFIX, module_names, scaling
+from icm_lora.merge import A_SUFFIX, B_SUFFIX, module_names, pad_into, scaling
 from icm_lora.zoo import LoRASpec
 
 LOSSES = ("nll", "lag")
@@ -79,11 +79,8 @@ def stacked(flats: list[Tensor], layout: FlatLayout, lora: LoRASpec, weights: Te
         B = torch.cat([w * s * st[m + B_SUFFIX] for w, st in zip(weights.float(), states)], dim=1)  # (out, T·r)
         if m + A_SUFFIX not in shapes or shapes[m + A_SUFFIX][0] < A.shape[0]:
             raise FusionError(f"the live adapter has no module {m!r} of rank >= {A.shape[0]}")
-        out[m + A_SUFFIX] = torch.zeros(shapes[m + A_SUFFIX])
-        out[m + B_SUFFIX] = torch.zeros(shapes[m + B_SUFFIX])
-        out[m + A_SUFFIX][: A.shape[0], : A.shape[1]] = A
-        out[m + B_SUFFIX][: B.shape[0], : B.shape[1]] = B
-    return into.flatten(out)
+        out[m + A_SUFFIX], out[m + B_SUFFIX] = A, B
+    return pad_into(out, into)
 
 
 class _Spent(Exception):

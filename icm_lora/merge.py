@@ -133,6 +133,18 @@ def factorize(deltas: dict[str, Tensor], rank: int | None = None) -> tuple[dict[
     return state, rank
 
 
+def pad_into(state: dict[str, Tensor], into: FlatLayout) -> Tensor:
+    """A LoRA state dict of rank k -> the flat vector of ``into`` (rank R >= k), zeros in the extra
+    rows of A and columns of B, so the update B·A is unchanged."""
+    out = {}
+    for seg in into.segments:
+        t = torch.zeros(seg.shape)
+        part = state[seg.name]
+        t[: part.shape[0], : part.shape[1]] = part
+        out[seg.name] = t
+    return into.flatten(out)
+
+
 def merged_config(spec: LoRASpec, rank: int) -> LoraConfig:
     """The PEFT config of a merged adapter: the zoo's target modules and layers, rank ``rank``, scaling 1."""
     return LoraConfig(r=rank, lora_alpha=rank, target_modules=list(spec.target_modules),
