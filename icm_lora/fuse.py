@@ -180,14 +180,14 @@ def run_merge(dm: ZooDataModule, items: list[str], spec: MergeSpec) -> tuple[lis
                                                   "weights": [1.0] * len(flats)}
 
 
-def wide_live(dm: ZooDataModule, rank: int) -> LiveAdapter:
-    """A base model wrapped in PEFT with the zoo's target modules at rank ``rank`` and scaling 1: room for
-    the exact sum of up to rank / r of the zoo's LoRAs (``lorahub.stacked``)."""
+def wide_live(dm: ZooDataModule, rank: int) -> tuple[LiveAdapter, Any]:
+    """A base model wrapped in PEFT with the zoo's target modules at rank ``rank`` and scaling 1 (room for
+    the exact sum of up to rank / r of the zoo's LoRAs, ``lorahub.stacked``), and its tokenizer."""
     wide = LoRASpec(r=rank, lora_alpha=rank, target_modules=list(dm.lora.target_modules),
                     layers_to_transform=dm.lora.layers_to_transform)
-    model, _ = base.load(dm.base_model, dm.cache_dir)
+    model, tokenizer = base.load(dm.base_model, dm.cache_dir)
     return LiveAdapter(model.to(dm.device), wide.peft_config(),
-                       lora_layout(base.load_config(dm.base_model, dm.cache_dir), wide))
+                       lora_layout(base.load_config(dm.base_model, dm.cache_dir), wide)), tokenizer
 
 
 def run_lorahub(dm: ZooDataModule, items: list[str], spec: LoraHubSpec, live: LiveAdapter | None = None,
@@ -201,8 +201,7 @@ def run_lorahub(dm: ZooDataModule, items: list[str], spec: LoraHubSpec, live: Li
     flats = [dm.zoo.final(n) for n in items]
     demos = [dm.tasks[dm.task_names.index(n)].demos for n in items]
     if live is None:
-        live = wide_live(dm, len(items) * dm.lora.r)
-        tokenizer = base.load(dm.base_model, dm.cache_dir)[1]
+        live, tokenizer = wide_live(dm, len(items) * dm.lora.r)
     weights, search = lorahub(flats, dm.layout, dm.lora, live, tokenizer, demos, spec)
     deltas = merge([delta_weights(f, dm.layout, dm.lora) for f in flats], weights, MergeSpec())
     return list(items), deltas, {"method": "lorahub", "lorahub": asdict(spec), "weights": weights.tolist(),
