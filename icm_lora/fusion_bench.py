@@ -228,11 +228,12 @@ class Bench:
         rows = []
         for label, family, grid, make in candidates:
             start = time.time()
-            val = [self.evaluate(make(st), names, "val", reference) for st in grid or [{}]]
+            adapters = [make(st) for st in grid or [{}]]  # each setting's adapter, made once for val and test
+            val = [self.evaluate(a, names, "val", reference) for a in adapters]
             means = [pooled(v) for v in val]  # selection: pooled retention on validation text
             best = max(range(len(val)), key=lambda i: means[i])
             chosen = {"defaults": 0, "tuned": best}
-            tests = {i: self.evaluate(make((grid or [{}])[i]), names, "test", reference) for i in set(chosen.values())}
+            tests = {i: self.evaluate(adapters[i], names, "test", reference) for i in set(chosen.values())}
             for which, i in chosen.items():
                 rows.append(self.row(s, names, label, family, which, (grid or [{}])[i], tests[i], means[i],
                                      time.time() - start))
