@@ -28,6 +28,20 @@ def kl_beta(step: int, weight: float, schedule: str, warmup_steps: int, cycle_st
     raise ValueError(f"kl_schedule must be one of {KL_SCHEDULES}, got {schedule!r}")
 
 
+def mixup(weights: Tensor, condition: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
+    """Each row mixed with a random other row of the batch, weights and condition alike:
+    lam * row + (1 - lam) * other, lam ~ Beta(alpha, alpha) per row (Zhang et al. 2018).
+
+    A generator trained only on its tasks' own (condition, LoRA) pairs learns nothing about the
+    conditions between them, where an unseen task's lands; mixed pairs teach it that a condition
+    between tasks decodes to the matching blend of their LoRAs. Both are normalised affinely, so a
+    blend of normalised rows is the normalised blend of the raw ones.
+    """
+    lam = torch.distributions.Beta(alpha, alpha).sample((len(weights), 1)).to(weights)  # (B, 1)
+    other = torch.randperm(len(weights), device=weights.device)
+    return lam * weights + (1 - lam) * weights[other], lam * condition + (1 - lam) * condition[other]
+
+
 class ICMLoRA(L.LightningModule):
     """One conditional generator of LoRA weights for all tasks: ICM-LoRA's CVAE, or SG-LoRA's CVAE
     with a learned conditional prior (``generator: sg_lora``, with ``data.condition.kind: semantic``).
@@ -53,6 +67,8 @@ class ICMLoRA(L.LightningModule):
         generator: ``icm_lora`` (the CVAE with a N(0, I) prior, any condition) or ``sg_lora`` (the
             learned-prior CVAE over SG-LoRA's semantic condition [mu*, var*]).
         hidden: ``sg_lora`` only: width of its MLPs.
+        mixup: Beta(mixup, mixup) mixing of training pairs (see ``mixup``); 0: train on the zoo's
+            own pairs only, as the papers do.
     """
 
     def __init__(self, lora_dim: int = 0, cond_dim: int = 0, latent_dim: int = 256,
@@ -60,7 +76,8 @@ class ICMLoRA(L.LightningModule):
                  kl_weight: float = 0.005,
                  kl_schedule: str = "linear", kl_warmup_steps: int = 500, kl_cycle_steps: int = 1000,
                  lr: float = 2.0e-4, min_lr_ratio: float = 0.01, weight_decay: float = 0.0,
-                 num_samples: int = 1, generator: str = "icm_lora", hidden: int = 512) -> None:
+                 num_samples: int = 1, generator: str = "icm_lora", hidden: int = 512,
+                 mixup: float = 0.0) -> None:
         super().__init__()
         if lora_dim <= 0 or cond_dim <= 0:
             raise ValueError("lora_dim and cond_dim must be positive (the CLI links them from the data module)")
@@ -68,6 +85,8 @@ class ICMLoRA(L.LightningModule):
             raise ValueError(f"kl_schedule must be one of {KL_SCHEDULES}, got {kl_schedule!r}")
         if generator not in GENERATORS:
             raise ValueError(f"model.generator must be one of {GENERATORS}, got {generator!r}")
+        if mixup < 0:
+            raise ValueError(f"model.mixup must be >= 0, got {mixup}")
         self.save_hyperparameters()
         if generator == "icm_lora":
             self.cvae = CVAE(lora_dim, cond_dim, latent_dim, tuple(channels), kernel_size, dense_rank)
@@ -83,7 +102,10 @@ class ICMLoRA(L.LightningModule):
         return kl_beta(self.global_step, h.kl_weight, h.kl_schedule, h.kl_warmup_steps, h.kl_cycle_steps)
 
     def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
-        recon, kl = self.cvae.loss(batch["weights"], batch["condition"])  # (B, D), (B, C) -> scalars
+        weights, condition = batch["weights"], batch["condition"]  # (B, D), (B, C)
+        if stage == "train" and self.hparams.mixup > 0:
+            weights, condition = mixup(weights, condition, self.hparams.mixup)
+        recon, kl = self.cvae.loss(weights, condition)
         beta = self.beta if stage == "train" else self.hparams.kl_weight
         loss = recon + beta * kl
         self.log_dict({f"{stage}/loss": loss, f"{stage}/recon": recon, f"{stage}/kl": kl, f"{stage}/beta": beta},

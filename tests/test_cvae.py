@@ -3,7 +3,7 @@ import torch
 from torch.distributions import Normal, kl_divergence
 
 from icm_lora.cvae import CVAE, kl_standard_normal
-from icm_lora.system import kl_beta
+from icm_lora.system import ICMLoRA, kl_beta, mixup
 
 
 def test_kl_matches_closed_form_and_torch_distributions():
@@ -89,3 +89,43 @@ def test_the_dense_head_writes_what_shared_conv_kernels_cannot():
     assert conv_only > 0.9 * targets.var() and with_head < 0.25 * conv_only
     with pytest.raises(ValueError, match="dense_rank"):
         CVAE(64, cond_dim=2, dense_rank=-1)
+
+
+def test_mixup_blends_each_row_with_another_by_one_lambda_for_weights_and_condition():
+    torch.manual_seed(0)
+    b = 16
+    weights, condition = torch.eye(b), 3 * torch.eye(b) + 1  # row i: one-hot at i, so its blend can be read off
+    w, c = mixup(weights, condition, alpha=0.4)
+    for i in range(b):
+        lam = w[i, i].item()
+        assert 0 <= lam <= 1
+        j = i if lam == 1 else int((w[i] - lam * weights[i]).argmax())
+        assert torch.allclose(w[i], lam * weights[i] + (1 - lam) * weights[j], atol=1e-6)
+        assert torch.allclose(c[i], lam * condition[i] + (1 - lam) * condition[j], atol=1e-6)
+    assert not torch.allclose(w, weights)  # something was mixed
+    with pytest.raises(ValueError, match="mixup"):
+        ICMLoRA(lora_dim=8, cond_dim=2, mixup=-0.1)
+
+
+def _fit_two_tasks(alpha: float) -> tuple[CVAE, torch.Tensor]:
+    torch.manual_seed(0)
+    targets, conds = torch.randn(2, 256), torch.eye(2)  # (task, D), (task, C)
+    model = CVAE(256, cond_dim=2, latent_dim=4, channels=(4, 4), kernel_size=3, dense_rank=8)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(600):
+        w, c = targets.repeat(8, 1), conds.repeat(8, 1)  # (16, D), (16, C)
+        if alpha:
+            w, c = mixup(w, c, alpha)
+        recon, kl = model.loss(w, c)
+        (recon + 1e-2 * kl).backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval(), targets
+
+
+def test_mixup_teaches_the_generator_that_between_conditions_decode_to_blends():
+    model, targets = _fit_two_tasks(alpha=1.0)
+    for t in (0.0, 0.25, 0.5, 1.0):
+        out = model.generate(torch.tensor([[t, 1 - t]]), 1, mean=True)[0, 0]
+        blend = t * targets[0] + (1 - t) * targets[1]
+        assert torch.nn.functional.mse_loss(out, blend) < 0.05 * targets.var()
