@@ -70,7 +70,7 @@ from icm_lora.zoo_build import build
 KINDS = ("task_vector", "description")  # the stored conditions every fold's baselines read
 SG_LORA = "SG-LoRA (description)"
 # python -m icm_lora.generator_sweep --sweep <section>: the YAML sections it can run
-SWEEPS = ("generator_sweep", "generator_sweep_dense", "sg_lora_sweep")
+SWEEPS = ("generator_sweep", "generator_sweep_dense", "generator_sweep_mixup", "sg_lora_sweep", "sg_lora_sweep_mixup")
 
 
 class OpenWorldError(ValueError):
@@ -135,9 +135,8 @@ class OpenWorldCLI(ICMLoRACLI):
         super().add_arguments_to_parser(parser)
         parser.add_class_arguments(OpenWorld, "openworld")
         parser.add_class_arguments(LoRASweep, "lora_sweep")
-        parser.add_class_arguments(GeneratorSweep, "generator_sweep")
-        parser.add_class_arguments(GeneratorSweep, "generator_sweep_dense")
-        parser.add_class_arguments(GeneratorSweep, "sg_lora_sweep")
+        for section in SWEEPS:
+            parser.add_class_arguments(GeneratorSweep, section)
         parser.add_argument("--sweep", type=Literal[SWEEPS], default="generator_sweep",
                             help="python -m icm_lora.generator_sweep: the section to run (" + ", ".join(SWEEPS) + ")")
 
@@ -475,6 +474,8 @@ def generator_key(cfg) -> str:
     conditions, the CVAE, the trainer and the checkpoint selection (not where it logs)."""
     plain = cfg.as_dict()
     trainer = {k: v for k, v in plain["trainer"].items() if k not in ("logger", "default_root_dir")}
+    if not plain["model"].get("mixup"):  # off: the key of releases before the option, so their generators stay valid
+        plain["model"].pop("mixup", None)
     return fingerprint({"seed": plain.get("seed_everything"), "trainer": trainer}
                        | {k: plain.get(k) for k in ("model", "data", "eval", "checkpoint")})
 

@@ -18,7 +18,7 @@ from icm_lora.cli import Trainer
 from icm_lora.condition import ConditionSpec, task_vectors
 from icm_lora.data import CONDITIONS, ZooDataModule
 from icm_lora.generator_sweep import GeneratorSetting, GeneratorSweep, GeneratorSweepError, check
-from icm_lora.openworld import Fold, forget_other_settings
+from icm_lora.openworld import Fold, forget_other_settings, generator_key
 
 SETTINGS = [{"name": "reference"},
             {"name": "heavier KL, half the zoo", "changes": {"model.kl_weight": 0.5}, "seen_every": 2},
@@ -88,6 +88,18 @@ def test_a_generator_trained_with_other_settings_is_trained_again(tmp_path, task
     second = files.read_json(folder / "done.json")
     assert first["key"] != second["key"]
     assert torch.load(second["best"], weights_only=False)["hyper_parameters"]["kl_weight"] == 0.1
+
+
+def test_mixup_off_keeps_the_generator_key_of_earlier_releases_and_on_changes_it():
+    from jsonargparse import Namespace
+
+    def cfg(**model):
+        return Namespace(seed_everything=0, trainer=Namespace(max_epochs=2, logger=None), model=Namespace(**model),
+                         data=Namespace(zoo_dir="zoo"), eval=Namespace(num_samples=1), checkpoint=None)
+
+    earlier = generator_key(cfg(latent_dim=8))  # a release without the option
+    assert generator_key(cfg(latent_dim=8, mixup=0.0)) == earlier
+    assert generator_key(cfg(latent_dim=8, mixup=0.4)) != earlier
 
 
 def test_forget_other_settings_keeps_a_current_folder(tmp_path):
