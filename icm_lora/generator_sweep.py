@@ -2,11 +2,14 @@
 
     python -m icm_lora.generator_sweep --config experiments/openworld.yaml
     python -m icm_lora.generator_sweep --config experiments/openworld.yaml --sweep generator_sweep_dense
+    python -m icm_lora.generator_sweep --config experiments/openworld.yaml --sweep generator_sweep_mixup
     python -m icm_lora.generator_sweep --config experiments/openworld.yaml --sweep sg_lora_sweep
+    python -m icm_lora.generator_sweep --config experiments/openworld.yaml --sweep sg_lora_sweep_mixup
 
 Each setting of the YAML's ``generator_sweep`` section (or of ``generator_sweep_dense``: the
 condition, normalisation, capacity and zoo size on top of the dense head; or of ``sg_lora_sweep``:
-SG-LoRA's K, tau, M and lambda) changes the config by dotted keys, as on the
+SG-LoRA's K, tau, M and lambda; or of the ``*_mixup`` sections: mixup of training pairs for either
+generator) changes the config by dotted keys, as on the
 command line (``model.kl_weight``, ``trainer.max_epochs``, ``data.condition.layer``, ...), and may
 train on a thinner zoo (``seen_every: 2``: every second seen task only). For each setting and each
 validation fold, the fold's generator is trained on the fold's seen tasks exactly as the benchmark
@@ -297,8 +300,8 @@ def report(results: list[dict], kind: str, header: str) -> tuple[str, str]:
 
 
 def main(args: list[str] | None = None) -> list[dict]:
-    """Parse the config (the openworld YAML, whose CLI has the ``generator_sweep`` and ``sg_lora_sweep``
-    sections; ``--sweep`` picks one) and sweep."""
+    """Parse the config (the openworld YAML, whose CLI has a section for each of ``openworld.SWEEPS``;
+    ``--sweep`` picks one) and sweep."""
     from icm_lora.openworld import run_with_cli
 
     argv = list(sys.argv[1:] if args is None else args)
