@@ -272,6 +272,7 @@ class Bench:
             key = {"tasks": self.members(s), "fusions": self.spec.fusions, "merges": self.spec.merges,
                    "union_steps": self.spec.union_steps, "union_max_steps": self.spec.union_max_steps, "selection": "pooled",
                    "checkpoint": str(self.ckpt_path)} | ({"lorahub": self.spec.lorahub} if self.spec.lorahub else {})
+            key["contents"] = self.contents(key["tasks"])
             done = files.read_json(path) if path.exists() else {}
             if done.get("key") != key:
                 print(f"fusion set {s.name} ({len(key['tasks'])} tasks) ...", flush=True)
@@ -280,6 +281,17 @@ class Bench:
             rows += done["rows"]
             self.write(rows)
         return rows
+
+    def contents(self, tasks: list[str]) -> dict[str, str]:
+        """Hashes of the bytes a set's rows come from: its tasks' zoo shards and the generator's checkpoint.
+        A set's saved rows are reused only when these are unchanged, so a rebuilt zoo or a newly trained
+        generator (a fresh clone's, at the same path) is scored again instead of showing older rows."""
+        if not hasattr(self, "_hashes"):
+            self._hashes = {"checkpoint": files.file_hash(self.ckpt_path) if self.ckpt_path else None}
+        for t in tasks:
+            if t not in self._hashes:
+                self._hashes[t] = files.file_hash(self.dm.zoo.shard_path(t))
+        return {k: self._hashes[k] for k in ("checkpoint", *tasks)}
 
     def write(self, rows: list[dict]) -> None:
         markdown, table = format_tables(rows, self.hardware())

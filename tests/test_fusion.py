@@ -2,6 +2,7 @@
 its refusals, and the fusion benchmark on the tiny zoo."""
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -190,8 +191,11 @@ def test_demo_loss_swaps_the_lora_in_exactly(tiny_base):
 
 def test_fusion_bench_on_the_tiny_zoo(tiny_run, monkeypatch):
     monkeypatch.chdir(tiny_run)
-    ckpt, common = run_paths(tiny_run)
+    trained, common = run_paths(tiny_run)
     out = tiny_run / "results" / "fusion"
+    ckpt = out.parent / "generator.ckpt"  # a copy, so it can be replaced below without touching the shared run
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(trained, ckpt)
     args = [*common, "--ckpt_path", str(ckpt), "--fusion_bench.output", str(out),
             "--fusion_bench.sets", "[{name: pair, kind: pair, tasks: [legal, python]}, {name: all, kind: all, tasks: [all]}]",
             "--fusion_bench.fusions", '{"ICM-Fusion (mean)": [{rule: mean}, {rule: mean, scale: "T^0.5"}], '
@@ -220,6 +224,11 @@ def test_fusion_bench_on_the_tiny_zoo(tiny_run, monkeypatch):
     assert (out.parent / "fusion_runs" / "pair.json").stat().st_mtime_ns == stamp
     assert [r["mean_retention"] for r in again] == [r["mean_retention"] for r in rows]
     assert all(math.isfinite(r["mean_retention"]) for r in rows)
+    saved = torch.load(ckpt, weights_only=False)
+    saved["note"] = "another generator at the same path"  # e.g. a fresh clone's, trained where the last one was
+    torch.save(saved, ckpt)
+    fusion_bench.main(args)
+    assert (out.parent / "fusion_runs" / "pair.json").stat().st_mtime_ns != stamp  # scored again, not read back
 
 
 def test_fusion_yaml_shares_the_openworld_zoo():
