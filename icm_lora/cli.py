@@ -84,8 +84,8 @@ class ICMLoRACLI(LightningCLI):
             "scoring": hardware.resolve_precision(evaluation.precision, device),
             "CVAE": self.trainer.precision}
         ranks = f", {self.trainer.world_size} ranks" if self.trainer.world_size > 1 else ""
-        return (f"Hardware: {hardware.describe(device)}{ranks}, torch {torch.__version__}. Precision: "
-                + ", ".join(f"{phase} {p}" for phase, p in precisions.items()))
+        return (f"Hardware: {hardware.describe(device)}{ranks}, torch {torch.__version__}"
+                f"{hardware.bf16_note(device)}. Precision: " + ", ".join(f"{phase} {p}" for phase, p in precisions.items()))
 
     def _announce(self) -> None:
         if self.trainer.is_global_zero:

@@ -461,7 +461,8 @@ class Benchmark:
         total = self.all_runs()
         phases = "\n".join(f"| {k} | {total[k]:.0f} | {v:.0f} |" for k, v in self.seconds.items())
         return (f"Command: `{' '.join(['python -m icm_lora.openworld'] + sys.argv[1:])}`; seed "
-                f"{self.config.seed_everything}.\n\nHardware: {hardware.describe(device)}; torch {torch.__version__}, "
+                f"{self.config.seed_everything}.\n\nHardware: {hardware.describe(device)}{hardware.bf16_note(device)}; "
+                f"precision: {', '.join(f'{k} {v}' for k, v in self.whole.precisions().items())}; torch {torch.__version__}, "
                 f"transformers {transformers.__version__}, peft {peft.__version__}. Zoo: `{self.whole.zoo_dir}` "
                 f"({len(self.names)} tasks, {len(self.spec.families)} families).\n\nWall time per phase: over every run "
                 f"that worked on it (an interrupted run resumed) and in this run (a reused phase takes seconds).\n\n"

@@ -1,4 +1,5 @@
-"""``precision: auto`` picks bf16 only where the hardware has native bf16 (detection mocked)."""
+"""``precision: auto`` picks bf16 only where the hardware has native bf16 and runs it faster (detection and
+the CPU's bf16 timing mocked)."""
 
 import pytest
 import torch
@@ -6,8 +7,10 @@ import torch
 from icm_lora import hardware
 
 
-def cpu(monkeypatch, capability: str, avx512_bf16: bool = False, amx: bool = False) -> None:
+def cpu(monkeypatch, capability: str, avx512_bf16: bool = False, amx: bool = False, speedup: float = 2.0) -> None:
+    """A CPU of ``capability`` whose bf16 matmul, where it has the flags, runs ``speedup`` times as fast as fp32."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(hardware, "speedup", lambda threads: speedup)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
 
@@ -30,6 +33,32 @@ def test_auto_on_cpus(monkeypatch, capability, avx512_bf16, amx, name, expected)
     assert hardware.resolve_precision("auto", "cpu") == expected
     assert hardware.trainer_precision("auto", "cpu") == ("bf16-mixed" if expected == "bf16" else "32-true")
     assert hardware.resolve_precision("fp32", "cpu") == "fp32"
+
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_auto_keeps_fp32_where_native_bf16_is_measured_slower(monkeypatch, amx):
+    # A 2-core Xeon VM with AVX512-BF16 ran a bf16 matmul at 0.52x the speed of fp32: the flag alone misleads.
+    cpu(monkeypatch, "AVX512", avx512_bf16=True, amx=amx, speedup=0.52)
+    assert hardware.native_bf16("cpu")
+    assert hardware.resolve_precision("auto", "cpu") == "fp32"
+    assert hardware.trainer_precision("auto", "cpu") == "32-true"
+    assert "0.52x as fast as fp32 here, so auto is fp32" in hardware.bf16_note("cpu")
+    assert hardware.resolve_precision("bf16", "cpu") == "bf16"  # explicit: native kernels, so no warning
+    cpu(monkeypatch, "AVX512", avx512_bf16=True, amx=amx, speedup=hardware.BF16_MIN_SPEEDUP)
+    assert hardware.resolve_precision("auto", "cpu") == "bf16"
+    assert "so auto is bf16" in hardware.bf16_note("cpu")
+
+
+def test_cpus_without_the_flags_are_not_timed(monkeypatch):
+    cpu(monkeypatch, "AVX2", avx512_bf16=True, amx=True)
+    monkeypatch.setattr(hardware, "speedup", lambda threads: pytest.fail("timed bf16 on a CPU without native bf16"))
+    assert hardware.resolve_precision("auto", "cpu") == "fp32"
+    assert hardware.bf16_note("cpu") == ""
+
+
+def test_the_bf16_timing_is_a_real_ratio():
+    ratio = hardware.speedup.__wrapped__(1, tokens=16, width=32, out=64, repeats=3)
+    assert 0 < ratio < float("inf")
 
 
 def test_an_avx2_cap_hides_the_bf16_units(monkeypatch):
