@@ -5,7 +5,7 @@ AVX512-BF16 or AMX. On AVX2-only CPUs (most laptops, many cloud VMs) a bf16 matm
 slower than the same matmul in fp32, so ``precision: auto`` picks fp32 there.
 
 The CPU flags are not enough on their own: on a 2-core Intel Xeon VM with AVX512-BF16 and no AMX, a
-bf16 matmul of the zoo's shapes took 1.9x as long as in fp32 (and a LoRA training step 2.1x), while
+bf16 matmul of the zoo's shapes took 1.7x as long as in fp32 (and a LoRA training step 1.6x), while
 an AMD EPYC with the same flag ran bf16 2-2.5x faster. So where a CPU has the flags, ``auto`` times
 one matmul of a LoRA training step's shape in both precisions, once per process, and takes bf16 only
 if it is clearly faster (``speedup``).
@@ -72,7 +72,7 @@ def speedup(threads: int, tokens: int = 512, width: int = 576, out: int = 1536, 
     The default shape is a batch of 4 x 128 tokens through a SmolLM2 MLP projection, the bulk of a
     LoRA training step. The two precisions run in turns and the median of the ``repeats`` ratios is
     returned, so a burst of other load on the machine slows both alike. Measured once per process
-    and thread count (about 0.2 s).
+    and thread count (0.13-0.20 s on a 2-core Xeon).
     """
     a, b = torch.randn(tokens, width), torch.randn(width, out)
     a16, b16 = a.bfloat16(), b.bfloat16()
@@ -93,9 +93,8 @@ def bf16_note(device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type != "cpu" or not native_bf16(device):
         return ""
-    ratio = speedup(torch.get_num_threads())
-    verdict = "bf16" if ratio >= BF16_MIN_SPEEDUP else "fp32"
-    return f" (bf16 matmul measured {ratio:.2f}x as fast as fp32 here, so auto is {verdict})"
+    verdict = "bf16" if fast_bf16(device) else "fp32"
+    return f" (bf16 matmul measured {speedup(torch.get_num_threads()):.2f}x as fast as fp32 here, so auto is {verdict})"
 
 
 def describe(device: torch.device | str) -> str:
