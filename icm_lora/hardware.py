@@ -14,6 +14,7 @@ if it is clearly faster (``speedup``).
 from __future__ import annotations
 
 import functools
+import os
 import platform
 import time
 import warnings
@@ -55,6 +56,7 @@ def native_bf16(device: torch.device | str) -> bool:
 
 
 BF16_MIN_SPEEDUP = 1.1  # bf16 is chosen on a CPU only when its matmul is at least this much faster than fp32's
+SPEEDUP_ENV = "ICM_LORA_BF16_SPEEDUP"  # a measured (or pinned) ratio that this process and its children reuse
 
 
 def fast_bf16(device: torch.device | str) -> bool:
@@ -66,19 +68,43 @@ def fast_bf16(device: torch.device | str) -> bool:
 
 
 @functools.cache
-def speedup(threads: int, tokens: int = 512, width: int = 576, out: int = 1536, repeats: int = 11) -> float:
-    """fp32 time / bf16 time of a (tokens, width) @ (width, out) matmul on the CPU.
+def speedup(threads: int) -> float:
+    """fp32 time / bf16 time of a LoRA training step's matmul on this CPU, measured once per process.
+
+    The first measurement is written to the environment (``ICM_LORA_BF16_SPEEDUP``), which processes
+    started from this one inherit: Lightning's DDP launcher starts each rank as a copy of the
+    command, and every rank must choose the same precision, however close the timing is to the
+    threshold. Setting the variable before a run pins the ratio (for example under ``torchrun``,
+    whose ranks share no parent that measured it).
+    """
+    pinned = os.environ.get(SPEEDUP_ENV)
+    if pinned is not None:
+        try:
+            return float(pinned)
+        except ValueError:
+            raise ValueError(f"{SPEEDUP_ENV}={pinned!r} is not a number (the fp32 / bf16 time ratio)") from None
+    ratio = measure_speedup(threads)
+    os.environ[SPEEDUP_ENV] = f"{ratio:.3f}"
+    return ratio
+
+
+def measure_speedup(threads: int, tokens: int = 512, width: int = 576, out: int = 1536, repeats: int = 11) -> float:
+    """fp32 time / bf16 time of a (tokens, width) @ (width, out) matmul on ``threads`` CPU threads.
 
     The default shape is a batch of 4 x 128 tokens through a SmolLM2 MLP projection, the bulk of a
     LoRA training step. The two precisions run in turns and the median of the ``repeats`` ratios is
-    returned, so a burst of other load on the machine slows both alike. Measured once per process
-    and thread count (0.13-0.20 s on a 2-core Xeon).
+    returned, so a burst of other load on the machine slows both alike (0.13-0.20 s on a 2-core Xeon).
     """
-    a, b = torch.randn(tokens, width), torch.randn(width, out)
-    a16, b16 = a.bfloat16(), b.bfloat16()
-    for _ in range(3):  # warm-up: the first calls pick and prepare the kernels
-        a @ b, a16 @ b16
-    ratios = sorted(_seconds(a, b) / _seconds(a16, b16) for _ in range(repeats))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(tokens, width), torch.randn(width, out)
+        a16, b16 = a.bfloat16(), b.bfloat16()
+        for _ in range(3):  # warm-up: the first calls pick and prepare the kernels
+            a @ b, a16 @ b16
+        ratios = sorted(_seconds(a, b) / _seconds(a16, b16) for _ in range(repeats))
+    finally:
+        torch.set_num_threads(previous)
     return ratios[len(ratios) // 2]
 
 

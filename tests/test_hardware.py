@@ -1,6 +1,10 @@
 """``precision: auto`` picks bf16 only where the hardware has native bf16 and runs it faster (detection and
 the CPU's bf16 timing mocked)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -9,8 +13,13 @@ from icm_lora import hardware
 
 def cpu(monkeypatch, capability: str, avx512_bf16: bool = False, amx: bool = False, speedup: float = 2.0) -> None:
     """A CPU of ``capability`` whose bf16 matmul, where it has the flags, runs ``speedup`` times as fast as fp32."""
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    cpu_flags(monkeypatch, capability, avx512_bf16, amx)
     monkeypatch.setattr(hardware, "speedup", lambda threads: speedup)
+
+
+def cpu_flags(monkeypatch, capability: str, avx512_bf16: bool = False, amx: bool = False) -> None:
+    """A CPU of ``capability`` with or without the bf16 flags (its bf16 speed is left to ``hardware.speedup``)."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
 
@@ -57,8 +66,44 @@ def test_cpus_without_the_flags_are_not_timed(monkeypatch):
 
 
 def test_the_bf16_timing_is_a_real_ratio():
-    ratio = hardware.speedup.__wrapped__(1, tokens=16, width=32, out=64, repeats=3)
+    ratio = hardware.measure_speedup(1, tokens=16, width=32, out=64, repeats=3)
     assert 0 < ratio < float("inf")
+
+
+@pytest.fixture
+def fresh_speedup(monkeypatch):
+    """No ratio measured or pinned yet in this process; whatever the test sets is undone after it."""
+    monkeypatch.setenv(hardware.SPEEDUP_ENV, "")  # recorded, so teardown restores the variable's prior state
+    monkeypatch.delenv(hardware.SPEEDUP_ENV)
+    hardware.speedup.cache_clear()
+    yield
+    hardware.speedup.cache_clear()
+
+
+def test_the_measured_ratio_is_handed_to_child_processes(monkeypatch, fresh_speedup):
+    # Lightning's DDP launcher starts each rank as a new process running the same command: a rank that
+    # timed bf16 itself could choose another precision than rank 0 on a CPU near the threshold.
+    measured = []
+    monkeypatch.setattr(hardware, "measure_speedup", lambda threads: measured.append(threads) or 1.0913)
+    assert hardware.speedup(2) == 1.0913 and hardware.speedup(2) == 1.0913 and measured == [2]
+    assert os.environ[hardware.SPEEDUP_ENV] == "1.091"
+    child = subprocess.run([sys.executable, "-c", "from icm_lora import hardware; print(hardware.speedup(1))"],
+                           capture_output=True, text=True, check=True)
+    assert child.stdout.strip() == "1.091"
+
+
+def test_a_pinned_ratio_is_not_measured(monkeypatch, fresh_speedup):
+    monkeypatch.setenv(hardware.SPEEDUP_ENV, "0.5")
+    monkeypatch.setattr(hardware, "measure_speedup", lambda threads: pytest.fail("measured a pinned ratio"))
+    cpu_flags(monkeypatch, "AVX512", avx512_bf16=True)
+    assert hardware.speedup(2) == 0.5
+    assert hardware.resolve_precision("auto", "cpu") == "fp32"
+
+
+def test_a_pinned_ratio_that_is_not_a_number_is_named(monkeypatch, fresh_speedup):
+    monkeypatch.setenv(hardware.SPEEDUP_ENV, "fast")
+    with pytest.raises(ValueError, match="ICM_LORA_BF16_SPEEDUP='fast' is not a number"):
+        hardware.speedup(2)
 
 
 def test_an_avx2_cap_hides_the_bf16_units(monkeypatch):
