@@ -35,6 +35,12 @@ def _digest(data: bytes | Tensor) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def own_rng(device: torch.device):
+    """A context in which an evaluation may seed and draw (its samples are the same at every validation)
+    while training's random stream, on the CPU and ``device``, goes on afterwards as if it had not run."""
+    return torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else [])
+
+
 class TimedEval(Callback):
     """A domain's evaluation: ``_evaluate(trainer, pl_module, split, num_samples)`` runs after every
     validation (never in the sanity check) with ``val_samples`` and after test with ``num_samples``,
@@ -48,13 +54,15 @@ class TimedEval(Callback):
         if trainer.sanity_checking:
             return
         start = time.time()
-        self._evaluate(trainer, pl_module, "val", self.val_samples)
+        with own_rng(pl_module.device):
+            self._evaluate(trainer, pl_module, "val", self.val_samples)
         self.seconds["validation"] = self.seconds.get("validation", 0.0) + time.time() - start
 
     @torch.no_grad()
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         start = time.time()
-        self._evaluate(trainer, pl_module, "test", self.num_samples)
+        with own_rng(pl_module.device):
+            self._evaluate(trainer, pl_module, "test", self.num_samples)
         self.seconds["test"] = time.time() - start
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, split: str, num_samples: int) -> None:
