@@ -71,10 +71,12 @@ class ICMLoRACLI(LightningCLI):
         parser.set_defaults({"checkpoint.monitor": monitor, "checkpoint.mode": mode,
                              "checkpoint.filename": f"{{epoch}}-{{{monitor}:.4f}}",
                              "checkpoint.auto_insert_metric_name": False})
-        # Resumption: the state after the latest epoch, overwritten in place (`fit --ckpt_path .../resume.ckpt`).
+        # Resumption: the state after the latest epoch, overwritten in place (`fit --ckpt_path .../resume.ckpt`),
+        # saved at the end of every training epoch, validated or not.
         parser.add_lightning_class_args(ModelCheckpoint, "resume_checkpoint")
         parser.set_defaults({"resume_checkpoint.filename": "resume", "resume_checkpoint.save_top_k": 1,
-                             "resume_checkpoint.enable_version_counter": False})
+                             "resume_checkpoint.enable_version_counter": False,
+                             "resume_checkpoint.save_on_train_epoch_end": True})
 
     def hardware_line(self) -> str:
         """The machine, and the precision each phase runs in on it (``auto`` resolved)."""

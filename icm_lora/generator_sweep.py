@@ -5,6 +5,7 @@
     python -m icm_lora.generator_sweep --config experiments/openworld.yaml --sweep generator_sweep_mixup
     python -m icm_lora.generator_sweep --config experiments/openworld.yaml --sweep sg_lora_sweep
     python -m icm_lora.generator_sweep --config experiments/openworld.yaml --sweep sg_lora_sweep_mixup
+    python -m icm_lora.generator_sweep --config experiments/openworld.yaml --sweep generator_sweep_schedule
 
 Each setting of the YAML's ``generator_sweep`` section (or of ``generator_sweep_dense``: the
 condition, normalisation, capacity and zoo size on top of the dense head; or of ``sg_lora_sweep``:

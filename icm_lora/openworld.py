@@ -70,7 +70,8 @@ from icm_lora.zoo_build import build
 KINDS = ("task_vector", "description")  # the stored conditions every fold's baselines read
 SG_LORA = "SG-LoRA (description)"
 # python -m icm_lora.generator_sweep --sweep <section>: the YAML sections it can run
-SWEEPS = ("generator_sweep", "generator_sweep_dense", "generator_sweep_mixup", "sg_lora_sweep", "sg_lora_sweep_mixup")
+SWEEPS = ("generator_sweep", "generator_sweep_dense", "generator_sweep_mixup", "sg_lora_sweep", "sg_lora_sweep_mixup",
+          "generator_sweep_schedule")
 
 
 class OpenWorldError(ValueError):

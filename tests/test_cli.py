@@ -89,6 +89,17 @@ def test_tiny_fit_then_predict_through_the_cli(tiny_run, monkeypatch):
     assert steps and min(steps) >= saved["global_step"]  # training went on from the saved step, not from 0
 
 
+def test_an_epoch_without_validation_is_still_resumable(tiny_run, monkeypatch):
+    # Validation may run only every few epochs (make openworld validates once, at the end): the resume
+    # checkpoint must not wait for it, or an interrupted fit starts again from epoch 0.
+    monkeypatch.chdir(tiny_run)
+    root = tiny_run / "unvalidated"
+    main(["fit", "--config", str(TINY), "--data.zoo_dir", str(tiny_run / "zoo"), "--trainer.max_epochs", "1",
+          "--trainer.check_val_every_n_epoch", "2", "--trainer.default_root_dir", str(root)])
+    (resume,) = root.glob("lightning_logs/*/checkpoints/resume.ckpt")
+    assert torch.load(resume, weights_only=False)["epoch"] == 0
+
+
 def zoo_stamps(zoo_dir: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in sorted(zoo_dir.rglob("*")) if p.is_file()}
 
