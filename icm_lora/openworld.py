@@ -253,6 +253,7 @@ class Benchmark:
         cfg.data.condition.kind = kind
         for key, value in (self.spec.kind_changes.get(kind, {}) | self.overrides).items():
             cfg[key] = value
+        check_schedule(cfg.trainer.max_epochs, cfg.trainer.check_val_every_n_epoch)
         cfg.trainer.default_root_dir = str(folder)
         cfg.trainer.logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                               "init_args": {"save_dir": str(self.runs), "name": fold.name, "version": kind}}
@@ -469,6 +470,18 @@ class Benchmark:
                 f"that worked on it (an interrupted run resumed) and in this run (a reused phase takes seconds).\n\n"
                 f"| phase | seconds, all runs | seconds, this run |\n|---|---|---|\n{phases}\n"
                 f"| total | {sum(total[k] for k in self.seconds):.0f} | {seconds:.0f} |\n")
+
+
+def check_schedule(max_epochs: int | None, every: int | None) -> None:
+    """The last epoch must be validated: the checkpoint is chosen among the validated epochs, so the
+    epochs after the last validation would be trained for nothing (and with none, there is no checkpoint)."""
+    if not (isinstance(max_epochs, int) and isinstance(every, int) and max_epochs > 0 and every > 0):
+        return
+    if max_epochs % every:
+        last = max_epochs // every * every
+        raise OpenWorldError(f"trainer.max_epochs {max_epochs} is not a multiple of trainer.check_val_every_n_epoch "
+                             f"{every}: " + (f"the checkpoint would come from epoch {last} and the last "
+                                             f"{max_epochs - last} would be wasted" if last else "no epoch would be validated"))
 
 
 def generator_key(cfg) -> str:

@@ -5,6 +5,7 @@ import shutil
 import signal
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,6 +64,19 @@ def test_a_bad_config_exits_with_one_line(tmp_path, task_specs, cache_dir, zoo):
     path = write_config(tmp_path, task_specs, cache_dir, zoo, folds=[{"name": "f", "held_out": ["poetry"]}])
     with pytest.raises(SystemExit, match=r"^icm_lora openworld: fold 'f': held_out must name tasks"):
         openworld.main(["--config", path])
+
+
+def test_a_schedule_that_leaves_the_last_epoch_unvalidated_is_refused_before_training(tmp_path, task_specs,
+                                                                                      cache_dir, zoo):
+    for epochs, message in ((3, "the checkpoint would come from epoch 2 and the last 1 would be wasted"),
+                            (1, "no epoch would be validated")):
+        path = write_config(tmp_path, task_specs, cache_dir, zoo)
+        cfg = yaml.safe_load(Path(path).read_text())
+        cfg["trainer"] |= {"max_epochs": epochs, "check_val_every_n_epoch": 2}
+        Path(path).write_text(yaml.safe_dump(cfg))
+        with pytest.raises(SystemExit, match=f"^icm_lora openworld: trainer.max_epochs {epochs} .*{message}"):
+            openworld.main(["--config", path])
+        assert not list((tmp_path / "results").rglob("*.ckpt"))
 
 
 def test_runs_end_to_end_and_a_second_run_reuses_everything(tmp_path, task_specs, cache_dir, zoo, monkeypatch):
