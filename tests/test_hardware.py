@@ -83,13 +83,15 @@ def fresh_speedup(monkeypatch):
 def test_the_measured_ratio_is_handed_to_child_processes(monkeypatch, fresh_speedup):
     # Lightning's DDP launcher starts each rank as a new process running the same command: a rank that
     # timed bf16 itself could choose another precision than rank 0 on a CPU near the threshold.
+    # Just under the threshold, so that a rounded hand-over would flip the child to bf16.
+    ratio = hardware.BF16_MIN_SPEEDUP - 1e-4
     measured = []
-    monkeypatch.setattr(hardware, "measure_speedup", lambda threads: measured.append(threads) or 1.0913)
-    assert hardware.speedup(2) == 1.0913 and hardware.speedup(2) == 1.0913 and measured == [2]
-    assert os.environ[hardware.SPEEDUP_ENV] == "1.091"
-    child = subprocess.run([sys.executable, "-c", "from icm_lora import hardware; print(hardware.speedup(1))"],
+    monkeypatch.setattr(hardware, "measure_speedup", lambda threads: measured.append(threads) or ratio)
+    assert hardware.speedup(2) == ratio and hardware.speedup(2) == ratio and measured == [2]
+    assert float(os.environ[hardware.SPEEDUP_ENV]) == ratio
+    child = subprocess.run([sys.executable, "-c", "from icm_lora import hardware; print(repr(hardware.speedup(1)))"],
                            capture_output=True, text=True, check=True)
-    assert child.stdout.strip() == "1.091"
+    assert float(child.stdout) == ratio < hardware.BF16_MIN_SPEEDUP
 
 
 def test_a_pinned_ratio_is_not_measured(monkeypatch, fresh_speedup):
