@@ -2,6 +2,10 @@
 
     python benchmarks/generator_speed.py --device cpu --dims 30720 92160
     python benchmarks/generator_speed.py --device cuda --dims 30720 460800 1929928
+    python benchmarks/generator_speed.py --dims 92160 --channels 4 8 16 32 64 128 128 64 32 16 8 4 --dense_rank 64
+
+The defaults are the paper's CVAE; ``--channels`` and ``--dense_rank`` give another config's
+(the last line is ``experiments/openworld.yaml``'s).
 
 Prints a markdown table (median of ``--repeats`` timed runs after warm-up), tagged with the device
 and the precision (``--precision auto``: bf16 autocast only where the hardware has native bf16).
@@ -16,7 +20,7 @@ import time
 import torch
 
 from icm_lora import hardware
-from icm_lora.cvae import CVAE
+from icm_lora.cvae import CVAE, PAPER_CHANNELS
 
 
 def _sync(device: str) -> None:
@@ -67,6 +71,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dims", type=int, nargs="+", default=[30_720, 92_160])
     parser.add_argument("--cond_dim", type=int, default=576)
+    parser.add_argument("--channels", type=int, nargs="+", default=list(PAPER_CHANNELS))
+    parser.add_argument("--dense_rank", type=int, default=0)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--precision", default="auto", choices=hardware.PRECISIONS)
     parser.add_argument("--warmup", type=int, default=3)
@@ -74,10 +80,11 @@ def main() -> None:
     args = parser.parse_args()
     precision = hardware.resolve_precision(args.precision, args.device)
     print(f"device: {hardware.describe(args.device)}; torch {torch.__version__}; {precision}; "
-          f"training batch {args.batch}\n")
+          f"training batch {args.batch}; channels {args.channels}; dense_rank {args.dense_rank}\n")
     print("| flat LoRA length | CVAE parameters | decode one LoRA (ms) | training (samples/s) |\n|---|---|---|---|")
     for dim in args.dims:
-        r = bench(CVAE(dim, args.cond_dim), args.device, args.batch, precision == "bf16", args.warmup, args.repeats)
+        model = CVAE(dim, args.cond_dim, channels=tuple(args.channels), dense_rank=args.dense_rank)
+        r = bench(model, args.device, args.batch, precision == "bf16", args.warmup, args.repeats)
         print(f"| {r['dim']:,} | {r['params'] / 1e6:.1f} M | {r['decode_ms']:.2f} | {r['train_samples_s']:.0f} |", flush=True)
 
 
