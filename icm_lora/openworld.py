@@ -11,7 +11,8 @@ is then scored on its own text with:
 - the base model; the soup of the seen experts; the nearest seen expert by task vector and by
   description embedding; the top-K similarity-weighted mean of the seen experts;
 - a multi-task LoRA trained on the union of the seen tasks' training text (its token budget is in
-  the table; ``budget_fold`` shows it at every budget of ``multitask_steps``);
+  the table; ``budget_fold`` shows it at every budget of ``multitask_steps``, each a checkpoint of
+  one run of the largest);
 - the oracle, the held-out task's own LoRA (from the zoo, used for scoring only);
 - ICM-LoRA from the task's demonstrations and from its description (mean ± std over samples, and
   the z = 0 decode);
@@ -69,6 +70,7 @@ from icm_lora.zoo_build import build
 
 KINDS = ("task_vector", "description")  # the stored conditions every fold's baselines read
 SG_LORA = "SG-LoRA (description)"
+MAX_SNAPSHOTS = 64  # checkpoints one multi-task run may keep to give every budget of multitask_steps
 # python -m icm_lora.generator_sweep --sweep <section>: the YAML sections it can run
 SWEEPS = ("generator_sweep", "generator_sweep_dense", "generator_sweep_mixup", "sg_lora_sweep", "sg_lora_sweep_mixup",
           "generator_sweep_schedule")
@@ -174,6 +176,7 @@ def check(spec: OpenWorld, names: list[str]) -> None:
         raise OpenWorldError(f"openworld.kind_changes: {bad} not in openworld.kinds")
     if not spec.multitask_steps or min(spec.multitask_steps) < 1:
         raise OpenWorldError("openworld.multitask_steps needs at least one positive number of steps")
+    snapshot_schedule(spec.multitask_steps)  # refused here, before anything is trained
     if spec.budget_fold is not None and spec.budget_fold not in {f.name for f in spec.folds}:
         raise OpenWorldError(f"openworld.budget_fold {spec.budget_fold!r} is not a fold")
 
@@ -285,22 +288,24 @@ class Benchmark:
         return ICMLoRA.load_from_checkpoint(best, map_location="cpu").eval(), dm
 
     def multitask(self, fold: Fold, seen: list[str]) -> dict[int, Tensor]:
-        """steps -> (D,) a LoRA trained on the union of the seen tasks' training text (built once, cached)."""
+        """steps -> (D,) a LoRA trained on the union of the seen tasks' training text (built once, cached).
+
+        Every budget is a checkpoint of one run of the largest: the learning rate is constant after
+        warm-up, so the LoRA after n steps of a longer run is the one an n-step run would give."""
         budget_fold = self.spec.budget_fold or next(f.name for f in self.spec.folds if f.role == "test")
         steps = self.spec.multitask_steps if fold.name == budget_fold else self.spec.multitask_steps[:1]
+        every, kept = snapshot_schedule(steps)
         tasks = {t.name: t for t in self.whole.tasks}
-        union = Task(f"multitask-{slug(fold.name)}", "", [d for n in seen for d in tasks[n].train],
-                     "\n\n".join(tasks[n].val for n in seen), "", [])
+        task = Task(f"multitask-{slug(fold.name)}-{max(steps)}steps", "", [d for n in seen for d in tasks[n].train],
+                    "\n\n".join(tasks[n].val for n in seen), "", [])
         sources = self.whole.sources()
         source = {"task": {"union_of": {n: sources[n]["task"] for n in seen}}, "text": asdict(self.whole.text)}
-        root, out = self.whole.zoo_dir / "multitask", {}
-        for n in steps:
-            task = replace(union, name=f"{union.name}-{n}steps")
-            build(root, self.model, self.tokenizer, self.whole.base_model, [task], [source], self.whole.lora,
-                  replace(self.whole.training, steps=n, num_checkpoints=1, checkpoint_every=1),
-                  eval_block_size=self.cli.config.eval.block_size)
-            out[n] = Zoo(root).final(task.name)
-        return out
+        root = self.whole.zoo_dir / "multitask"
+        build(root, self.model, self.tokenizer, self.whole.base_model, [task], [source], self.whole.lora,
+              replace(self.whole.training, steps=max(steps), num_checkpoints=kept, checkpoint_every=every),
+              eval_block_size=self.cli.config.eval.block_size)
+        checkpoints = Zoo(root).checkpoints(task.name)  # (kept, D), the last after max(steps) steps
+        return {n: checkpoints[kept - 1 - (max(steps) - n) // every] for n in steps}
 
     # ---- scoring ----------------------------------------------------------------------------
     def zoo_quality(self) -> list[dict]:
@@ -482,6 +487,19 @@ def check_schedule(max_epochs: int | None, every: int | None) -> None:
         raise OpenWorldError(f"trainer.max_epochs {max_epochs} is not a multiple of trainer.check_val_every_n_epoch "
                              f"{every}: " + (f"the checkpoint would come from epoch {last} and the last "
                                              f"{max_epochs - last} would be wasted" if last else "no epoch would be validated"))
+
+
+def snapshot_schedule(steps: list[int]) -> tuple[int, int]:
+    """(checkpoint_every, num_checkpoints) of one run of ``max(steps)`` steps that keeps a checkpoint
+    after each number of ``steps``: every gcd(steps) steps (one checkpoint for a single budget)."""
+    if len(set(steps)) == 1:
+        return 1, 1
+    every = math.gcd(*steps)
+    if max(steps) // every > MAX_SNAPSHOTS:
+        raise OpenWorldError(f"openworld.multitask_steps {steps}: one run would keep {max(steps) // every} "
+                             f"checkpoints to give every budget (their greatest common divisor is {every}); "
+                             f"choose budgets with a larger common divisor (at most {MAX_SNAPSHOTS} checkpoints)")
+    return every, max(steps) // every
 
 
 def generator_key(cfg) -> str:

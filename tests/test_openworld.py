@@ -4,19 +4,20 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from conftest import BUDGET, CONDITION, LORA, TINY, TRAINING
+from conftest import BUDGET, CONDITION, LORA, LORA_TOP, TINY, TRAINING, build_zoo
 from icm_lora import files, openworld
 from icm_lora.cli import Trainer
 from icm_lora.data import CONDITIONS, ZooDataModule
-from icm_lora.openworld import Benchmark, Fold, OpenWorld, OpenWorldCLI, OpenWorldError, check
+from icm_lora.openworld import Benchmark, Fold, OpenWorld, OpenWorldCLI, OpenWorldError, check, snapshot_schedule
 from icm_lora.system import ICMLoRA
+from icm_lora.zoo import Zoo
 
 FAMILIES = {"words": ["numbers", "animals"], "code": ["code"]}
 FOLDS = [{"name": "val", "held_out": ["animals"], "role": "validation"}, {"name": "test", "held_out": ["code"]},
@@ -54,10 +55,31 @@ def test_bad_folds_are_refused_with_one_line():
              "fewer than 2 seen": dict(good, folds=[Fold("f", ["code", "animals"])]),
              "role must be": dict(good, folds=[Fold("f", ["code"], role="train")]),
              "nothing would be reported": dict(good, folds=[Fold("f", ["code"], role="validation")]),
-             "unknown": dict(good, kinds=["pixels"]), "folds is empty": dict(good, folds=[])}
+             "unknown": dict(good, kinds=["pixels"]), "folds is empty": dict(good, folds=[]),
+             "common divisor is 1": dict(good, multitask_steps=[1, 100])}
     for message, args in cases.items():
         with pytest.raises(OpenWorldError, match=message):
             check(OpenWorld(**args), names)
+
+
+def test_every_multitask_budget_is_a_checkpoint_of_one_run():
+    assert snapshot_schedule([64, 448, 1920]) == (64, 30)
+    assert snapshot_schedule([448, 64]) == (64, 7)
+    assert snapshot_schedule([64]) == snapshot_schedule([5, 5]) == (1, 1)  # the last step only, as a zoo entry
+
+
+@pytest.mark.parametrize("lora", [LORA, LORA_TOP], ids=["whole model", "cached frozen layer"])
+def test_a_checkpoint_after_n_steps_equals_an_n_step_run(tmp_path, task_specs, cache_dir, lora):
+    """What lets the budget fold train the multi-task LoRA once: constant learning rate after warm-up,
+    batches drawn in order from the task's own seed, so the run's first n steps are an n-step run."""
+    specs = task_specs[:1]
+    long = replace(TRAINING, steps=6, num_checkpoints=3, checkpoint_every=2)
+    build_zoo(tmp_path / "long", specs, cache_dir, long, lora)
+    build_zoo(tmp_path / "short", specs, cache_dir, replace(TRAINING, steps=4, num_checkpoints=1), lora)
+    snapshots = Zoo(tmp_path / "long").checkpoints(specs[0].name)  # after 2, 4 and 6 steps
+    short = Zoo(tmp_path / "short").final(specs[0].name)
+    torch.testing.assert_close(snapshots[1], short, atol=1e-6, rtol=1e-5)
+    assert (snapshots[2] - short).norm() > 10 * (snapshots[1] - short).norm() + 1e-6  # it did go on training
 
 
 def test_a_bad_config_exits_with_one_line(tmp_path, task_specs, cache_dir, zoo):
@@ -105,6 +127,9 @@ def test_runs_end_to_end_and_a_second_run_reuses_everything(tmp_path, task_specs
     budgets = [m for m in rows[1]["methods"] if m.startswith("multi-task")]
     assert budgets == ["multi-task LoRA (128 tokens)", "multi-task LoRA (256 tokens)"]  # the budget fold: both
     assert [m for m in rows[0]["methods"] if m.startswith("multi-task")] == ["multi-task LoRA (128 tokens)"]
+    multitask = Zoo(zoo / "multitask")  # one run per fold; the budget fold's keeps a checkpoint per budget
+    assert sorted(multitask.task_names) == ["multitask-last-2steps", "multitask-test-4steps", "multitask-val-2steps"]
+    assert multitask.num_checkpoints("multitask-test-4steps") == 2 == 2 * multitask.num_checkpoints("multitask-val-2steps")
     out = tmp_path / "results"
     table = (out / "ow.md").read_text()
     assert "| code | code | 0 |" in table and "chosen on validation folds (1 held-out tasks)" in table
