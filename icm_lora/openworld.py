@@ -24,7 +24,9 @@ is then scored on its own text with:
   each description as far from every expert is recorded.
 
 Validation folds (``role: validation``) are scored on their held-out tasks' validation text and
-choose the top-K baseline's K and temperature; test folds are scored on test text and reported.
+choose the top-K baseline's K and temperature; they train no generator and no multi-task LoRA,
+which that choice does not read (``python -m icm_lora.generator_sweep`` trains the generators of the
+same folds to choose the generator's settings). Test folds are scored on test text and reported.
 Folds resume: a fold's finished generator is reused, an interrupted one resumes from its last epoch;
 one trained with other settings than the config's is trained again.
 Writes ``<output>.md``, ``<output>.csv``, ``<output>.png`` and one TensorBoard run per fold and kind
@@ -177,8 +179,9 @@ def check(spec: OpenWorld, names: list[str]) -> None:
     if not spec.multitask_steps or min(spec.multitask_steps) < 1:
         raise OpenWorldError("openworld.multitask_steps needs at least one positive number of steps")
     snapshot_schedule(spec.multitask_steps)  # refused here, before anything is trained
-    if spec.budget_fold is not None and spec.budget_fold not in {f.name for f in spec.folds}:
-        raise OpenWorldError(f"openworld.budget_fold {spec.budget_fold!r} is not a fold")
+    if spec.budget_fold is not None and spec.budget_fold not in {f.name for f in spec.folds if f.role == "test"}:
+        raise OpenWorldError(f"openworld.budget_fold {spec.budget_fold!r} is not a test fold (validation folds "
+                             "train no multi-task LoRA)")
 
 
 class Benchmark:
@@ -224,11 +227,15 @@ class Benchmark:
         return rows
 
     def run_fold(self, fold: Fold) -> list[dict]:
+        """A test fold's rows with every method; a validation fold's with the baselines that need no
+        training, which is all that choosing the top-K mean's K and temperature reads."""
         seen = [n for n in self.names if n not in fold.held_out]
-        with self.phase(f"{fold.name}: generators"):
-            generators = {kind: self.generator(fold, seen, kind) for kind in self.spec.kinds}
-        with self.phase(f"{fold.name}: multi-task LoRA"):
-            multitask = self.multitask(fold, seen)
+        generators, multitask = {}, {}
+        if fold.role == "test":
+            with self.phase(f"{fold.name}: generators"):
+                generators = {kind: self.generator(fold, seen, kind) for kind in self.spec.kinds}
+            with self.phase(f"{fold.name}: multi-task LoRA"):
+                multitask = self.multitask(fold, seen)
         with self.phase(f"{fold.name}: scoring"):
             rows = [self.score(fold, seen, name, generators, multitask) for name in fold.held_out]
         return rows
@@ -612,7 +619,7 @@ def report(rows: list[dict], chosen: dict, header: str) -> tuple[str, str]:
             std = f" ± {v['ppl_std']:.2f}" if v["ppl_std"] > 0 else ""
             cells.append(f"{v['ppl']:.2f}{std} ({v['gap']:+.2f})")
         lines.append(f"| {r['fold']} | {r['task']} | {r['family']} | {r['seen_relatives']} | " + " | ".join(cells) + " |")
-    lines += budget_table(rows)
+    lines += budget_table(test)
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["fold", "role", "task", "family", "seen_relatives", "nearest_tv", "nearest_desc", "other_task",

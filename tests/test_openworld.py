@@ -56,7 +56,9 @@ def test_bad_folds_are_refused_with_one_line():
              "role must be": dict(good, folds=[Fold("f", ["code"], role="train")]),
              "nothing would be reported": dict(good, folds=[Fold("f", ["code"], role="validation")]),
              "unknown": dict(good, kinds=["pixels"]), "folds is empty": dict(good, folds=[]),
-             "common divisor is 1": dict(good, multitask_steps=[1, 100])}
+             "common divisor is 1": dict(good, multitask_steps=[1, 100]),
+             "is not a test fold": dict(good, folds=[Fold("v", ["animals"], role="validation"), Fold("f", ["code"])],
+                                        budget_fold="v")}
     for message, args in cases.items():
         with pytest.raises(OpenWorldError, match=message):
             check(OpenWorld(**args), names)
@@ -116,7 +118,10 @@ def test_runs_end_to_end_and_a_second_run_reuses_everything(tmp_path, task_specs
     assert "| test | code |" in tables[0] and "| last |" not in tables[0]
     assert "Partial" not in tables[1] and "| last | numbers |" in tables[1]
     monkeypatch.undo()
-    for row in rows:
+    trained = {"ICM-LoRA (task_vector)", "ICM-LoRA (description)", "multi-task LoRA (128 tokens)"}
+    assert not trained & set(rows[0]["methods"])  # a validation fold trains nothing: top-K's choice reads none
+    assert {"base", "oracle", "soup", "top-K mean"} <= set(rows[0]["methods"])
+    for row in rows[1:]:
         methods = row["methods"]
         assert methods["base"]["gap"] == 0 and methods["oracle"]["gap"] == pytest.approx(1.0)
         assert {"soup", "nearest (task vector)", "nearest (description)", "top-K mean", "ICM-LoRA (task_vector)",
@@ -126,10 +131,10 @@ def test_runs_end_to_end_and_a_second_run_reuses_everything(tmp_path, task_specs
     assert rows[1]["nearest_tv"] in ("numbers", "animals") and rows[1]["other_task"] != "code"
     budgets = [m for m in rows[1]["methods"] if m.startswith("multi-task")]
     assert budgets == ["multi-task LoRA (128 tokens)", "multi-task LoRA (256 tokens)"]  # the budget fold: both
-    assert [m for m in rows[0]["methods"] if m.startswith("multi-task")] == ["multi-task LoRA (128 tokens)"]
-    multitask = Zoo(zoo / "multitask")  # one run per fold; the budget fold's keeps a checkpoint per budget
-    assert sorted(multitask.task_names) == ["multitask-last-2steps", "multitask-test-4steps", "multitask-val-2steps"]
-    assert multitask.num_checkpoints("multitask-test-4steps") == 2 == 2 * multitask.num_checkpoints("multitask-val-2steps")
+    assert [m for m in rows[2]["methods"] if m.startswith("multi-task")] == ["multi-task LoRA (128 tokens)"]
+    multitask = Zoo(zoo / "multitask")  # one run per test fold; the budget fold's keeps a checkpoint per budget
+    assert sorted(multitask.task_names) == ["multitask-last-2steps", "multitask-test-4steps"]
+    assert multitask.num_checkpoints("multitask-test-4steps") == 2 == 2 * multitask.num_checkpoints("multitask-last-2steps")
     out = tmp_path / "results"
     table = (out / "ow.md").read_text()
     assert "| code | code | 0 |" in table and "chosen on validation folds (1 held-out tasks)" in table
@@ -144,8 +149,8 @@ def test_runs_end_to_end_and_a_second_run_reuses_everything(tmp_path, task_specs
     assert (out / "ow_runs" / "test" / "task_vector" / "projector_config.pbtxt").exists()
 
     spent = files.read_json(out / "ow_runs" / "phases.json")
-    assert set(spent) == {"zoo + conditions (all tasks)", "zoo on test (all tasks)"} | {f"{f}: {p}" for f in ("val", "test", "last")
-                                                             for p in ("generators", "multi-task LoRA", "scoring")}
+    assert set(spent) == {"zoo + conditions (all tasks)", "zoo on test (all tasks)", "val: scoring"} | {
+        f"{f}: {p}" for f in ("test", "last") for p in ("generators", "multi-task LoRA", "scoring")}
     assert "| seconds, all runs | seconds, this run |" in table
 
     monkeypatch.setattr(Trainer, "fit", lambda *a, **k: pytest.fail("a finished fold was trained again"))
@@ -224,7 +229,8 @@ def test_sg_lora_joins_the_benchmark(tmp_path, task_specs, cache_dir, zoo):
     path = write_config(tmp_path, task_specs, cache_dir, zoo, kinds=["semantic"], kind_changes=changes,
                         multitask_steps=[2])
     rows = openworld.main(["--config", path])
-    for row in rows:
+    assert rows[0]["role"] == "validation" and "SG-LoRA (description)" not in rows[0]["methods"]
+    for row in rows[1:]:
         methods = row["methods"]
         assert {"SG-LoRA (description)", "SG-LoRA (description) z=0", "mu* (top-K weighted by description)",
                 "AdapterSoup (top-K by description)", "control: SG-LoRA, other task's description",
