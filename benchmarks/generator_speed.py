@@ -85,7 +85,7 @@ def main() -> None:
     for dim in args.dims:
         model = CVAE(dim, args.cond_dim, channels=tuple(args.channels), dense_rank=args.dense_rank)
         r = bench(model, args.device, args.batch, precision == "bf16", args.warmup, args.repeats)
-        print(f"| {r['dim']:,} | {r['params'] / 1e6:.1f} M | {r['decode_ms']:.2f} | {r['train_samples_s']:.0f} |", flush=True)
+        print(f"| {r['dim']:,} | {r['params'] / 1e6:.1f} M | {r['decode_ms']:.2f} | {r['train_samples_s']:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
