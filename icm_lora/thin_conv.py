@@ -2,13 +2,12 @@
 
 The CVAE decoder ends in ``Conv1d(C, 1, K)`` over the whole flat LoRA (about 94,000 positions for
 the openworld zoo, with C = 4). On CPU, oneDNN's kernels for one output channel are slow, its
-input gradient above all: at those shapes (batch 8, one thread) ``F.conv1d`` forward and backward
-take about 120 ms, most of a CVAE training step's single largest cost. With one output channel the
-convolution is only C x K scaled, shifted copies of the input summed; its input gradient is K
-shifted copies of the output gradient mixed by the (C, K) weights (one small matmul); its weight
-gradient is K batched dot products. Written so, the three take about 20 ms
-(``benchmarks/bench.py`` measures the CVAE step). The module is an ``nn.Conv1d`` with the same
-parameters and state dict, so checkpoints are unchanged.
+input gradient above all. With one output channel the convolution is only C x K scaled, shifted
+copies of the input summed; its input gradient is K shifted copies of the output gradient mixed by
+the (C, K) weights (one small matmul); its weight gradient is K batched dot products. Written so,
+a training step of the openworld CVAE takes about a third less time on a 2-core Xeon
+(``benchmarks/generator_speed.py``, figures in the README). The module is an ``nn.Conv1d`` with the
+same parameters and state dict, so checkpoints are unchanged.
 """
 
 from __future__ import annotations

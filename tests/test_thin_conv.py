@@ -36,11 +36,18 @@ def test_same_parameters_and_state_dict_as_conv1d():
     torch.testing.assert_close(thin(x), conv(x), atol=1e-5, rtol=1e-5)
 
 
-def test_input_gradient_is_skipped_when_not_needed():
+def test_parameter_gradients_are_right_when_the_input_needs_none():
+    torch.manual_seed(2)
     thin = ToOneChannel(2, 3)
-    x = torch.randn(2, 2, 10)  # no grad: only the parameters get one
-    thin(x).sum().backward()
-    assert thin.weight.grad is not None and thin.bias.grad is not None and x.grad is None
+    conv = nn.Conv1d(2, 1, 3, 1, 1)
+    conv.load_state_dict(thin.state_dict())
+    x = torch.randn(2, 2, 10)  # no grad: backward skips the input gradient, the parameters' must not change
+    grad = torch.randn(2, 1, 10)
+    thin(x).backward(grad)
+    conv(x).backward(grad)
+    assert x.grad is None
+    torch.testing.assert_close(thin.weight.grad, conv.weight.grad)
+    torch.testing.assert_close(thin.bias.grad, conv.bias.grad)
 
 
 def test_bf16_input_stays_bf16_and_close():
