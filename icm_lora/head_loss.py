@@ -6,7 +6,7 @@ token), takes a log-softmax and picks the label. Done as separate ops, autograd 
 that is a quarter of the LoRA's training step once the frozen prefix is cached. The head is
 frozen when a LoRA trains, so its only gradient is the one w.r.t. the hidden states,
 (softmax - onehot) @ W / n, which ``linear_cross_entropy`` computes chunk by chunk in the forward
-pass and hands to backward: the same arithmetic, one pass over the logits, (chunk, V) memory.
+pass and hands to backward: the same arithmetic, one exp over the logits, (chunk, V) memory.
 """
 
 from __future__ import annotations
@@ -31,14 +31,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], rows):
             part = slice(start, start + rows)
             logits = (hidden[part] @ weight.t()).float()  # (c, V)
-            lse = logits.logsumexp(-1)  # (c,)
-            picked = logits.gather(1, target[part, None])[:, 0]
-            total += ((lse - picked) * keep[part]).sum()
-            if grad is not None:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                probs[torch.arange(probs.shape[0], device=probs.device), target[part]] -= 1.0
-                probs *= keep[part, None]
-                grad[part] = probs.to(weight.dtype) @ weight  # (c, H)
+            picked = logits.gather(1, target[part, None])[:, 0]  # (c,)
+            top = logits.amax(-1, keepdim=True)  # (c, 1)
+            exps = logits.sub_(top).exp_()  # unnormalised softmax, in place of the logits: exp taken once
+            sums = exps.sum(-1)  # (c,)
+            total += ((top[:, 0] + sums.log() - picked) * keep[part]).sum()  # logsumexp - picked
+            if grad is not None:  # softmax @ W - W[label], the 1/sum applied to (c, H), not to (c, V)
+                mixed = (exps.to(weight.dtype) @ weight).float() / sums[:, None]
+                grad[part] = ((mixed - weight[target[part]].float()) * keep[part, None]).to(grad.dtype)
         if grad is not None:
             ctx.save_for_backward(grad.div_(count))
         return total / count
