@@ -28,7 +28,7 @@ _SCORERS: dict[tuple, tuple[LiveAdapter, TextScorer]] = {}
 _FIXED: dict[tuple, object] = {}
 
 
-def _digest(data: bytes | Tensor) -> str:
+def content_digest(data: bytes | Tensor) -> str:
     """Content hash of a text's bytes or a flat LoRA's values."""
     if isinstance(data, Tensor):
         data = data.detach().float().cpu().contiguous().numpy().tobytes()
@@ -119,7 +119,7 @@ class DownstreamEval(TimedEval):
         """Scores of fixed adapters (base, own LoRA, soup) are computed once per adapter and text, and
         shared by every generator trained in this process (the folds of a benchmark, a sweep)."""
         flat = flat_fn()
-        key = (self._key, kind, name, _digest(text.encode()), None if flat is None else _digest(flat))
+        key = (self._key, kind, name, content_digest(text.encode()), None if flat is None else content_digest(flat))
         if key not in _FIXED:
             _FIXED[key] = self._score(flat, text)
         return _FIXED[key]

@@ -185,6 +185,7 @@ class Sweep:
                            save_config_kwargs={"overwrite": True})
         bench = Benchmark(cli)
         bench.overrides = dict(setting.changes)  # over the kind's own changes (openworld.kind_changes) too
+        bench.spec.validate_generators = True  # as every sweep so far (their runs stay valid); a schedule's sweep needs it
         return bench
 
     def run_setting(self, setting: GeneratorSetting, shared: dict) -> dict:

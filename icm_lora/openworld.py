@@ -40,6 +40,7 @@ import csv
 import io
 import itertools
 import math
+import os
 import shutil
 import signal
 import statistics
@@ -58,6 +59,7 @@ from torch import Tensor
 
 from icm_lora import base, baselines, files, hardware, semantic
 from icm_lora.base import Unreachable
+from icm_lora.callbacks import content_digest
 from icm_lora.cli import ICMLoRACLI, Trainer
 from icm_lora.condition import KINDS as GENERATOR_KINDS
 from icm_lora.condition import description_embeddings
@@ -115,6 +117,10 @@ class OpenWorld:
             first is scored in every fold, all of them in ``budget_fold``.
         budget_fold: the fold that shows the multi-task LoRA at every budget (default: the first test fold).
         random_description_chars: length of the random-character description of the control.
+        validate_generators: score every seen task's decode on its validation text after the
+            validated epochs and keep the best (``trainer.check_val_every_n_epoch``); off, a fold's
+            generator is the state after ``trainer.max_epochs``, a schedule chosen on the validation
+            folds (``generator_sweep``), and the seen-task scoring is skipped.
         output: path stem of the table, CSV and figure; runs go to ``<output>_runs/``.
     """
 
@@ -128,6 +134,7 @@ class OpenWorld:
     multitask_steps: list[int] = field(default_factory=lambda: [64])
     budget_fold: str | None = None
     random_description_chars: int = 60
+    validate_generators: bool = True
     output: str = "results/openworld"
 
 
@@ -200,6 +207,7 @@ class Benchmark:
         self.before: dict[str, float] = files.read_json(self.spent) if self.spent.exists() else {}
         self.config = copy.deepcopy(cli.config)
         self.overrides: dict[str, Any] = {}  # changes by dotted key over every kind's own (a sweep's setting)
+        self._scores: dict[tuple[str | None, str], Score] = {}  # (adapter digest, text digest) -> its score
 
     # ---- phases -----------------------------------------------------------------------------
     def run(self) -> list[dict]:
@@ -263,7 +271,10 @@ class Benchmark:
         cfg.data.condition.kind = kind
         for key, value in (self.spec.kind_changes.get(kind, {}) | self.overrides).items():
             cfg[key] = value
-        check_schedule(cfg.trainer.max_epochs, cfg.trainer.check_val_every_n_epoch)
+        if self.spec.validate_generators:
+            check_schedule(cfg.trainer.max_epochs, cfg.trainer.check_val_every_n_epoch)
+        else:
+            cfg.trainer.limit_val_batches = 0  # in the key too: the checkpoint is no longer chosen
         cfg.trainer.default_root_dir = str(folder)
         cfg.trainer.logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                               "init_args": {"save_dir": str(self.runs), "name": fold.name, "version": kind}}
@@ -284,8 +295,7 @@ class Benchmark:
         trainer.fit(model, datamodule=dm, ckpt_path=str(resume) if resume.exists() else None)
         if trainer.interrupted:
             raise KeyboardInterrupt
-        selector = next(c for c in trainer.checkpoint_callbacks if c.monitor)
-        best = selector.best_model_path or selector.last_model_path
+        best = self.fitted_checkpoint(trainer, resume)
         if not best:
             raise OpenWorldError(f"fold {fold.name!r} ({kind}): no checkpoint was saved; check trainer.max_epochs "
                                  "and trainer.check_val_every_n_epoch")
@@ -293,6 +303,18 @@ class Benchmark:
         files.write_json(done, {"best": best, "seen": seen, "held_out": fold.held_out, "key": key,
                                 "fit_seconds": time.time() - start})  # this run's part, if it resumed
         return ICMLoRA.load_from_checkpoint(best, map_location="cpu").eval(), dm
+
+    def fitted_checkpoint(self, trainer, resume: Path) -> str:
+        """The generator a fit leaves: the checkpoint chosen on validation, or without validation the
+        state after the last epoch (the resumption checkpoint, renamed so nothing resumes from it)."""
+        if self.spec.validate_generators:
+            selector = next(c for c in trainer.checkpoint_callbacks if c.monitor)
+            return selector.best_model_path or selector.last_model_path
+        if not resume.exists():
+            return ""
+        final = resume.with_name("final.ckpt")
+        os.replace(resume, final)
+        return str(final)
 
     def multitask(self, fold: Fold, seen: list[str]) -> dict[int, Tensor]:
         """steps -> (D,) a LoRA trained on the union of the seen tasks' training text (built once, cached).
@@ -303,8 +325,9 @@ class Benchmark:
         steps = self.spec.multitask_steps if fold.name == budget_fold else self.spec.multitask_steps[:1]
         every, kept = snapshot_schedule(steps)
         tasks = {t.name: t for t in self.whole.tasks}
+        share = max(1, self.whole.text.val_chars // len(seen))  # its printed val ppl: as much text as one task's
         task = Task(f"multitask-{slug(fold.name)}-{max(steps)}steps", "", [d for n in seen for d in tasks[n].train],
-                    "\n\n".join(tasks[n].val for n in seen), "", [])
+                    "\n\n".join(tasks[n].val[:share] for n in seen), "", [])
         sources = self.whole.sources()
         source = {"task": {"union_of": {n: sources[n]["task"] for n in seen}}, "text": asdict(self.whole.text)}
         root = self.whole.zoo_dir / "multitask"
@@ -318,18 +341,25 @@ class Benchmark:
     def zoo_quality(self) -> list[dict]:
         """Per zoo task, on its test text: the base model, its own LoRA and the soup of all the zoo's LoRAs
         (does each LoRA learn something of its own, beyond what every task shares?)."""
-        live, scorer = self.scorer()
         zoo = self.whole.zoo  # read by setup("fit") above
         soup = zoo.soup(self.names)
         rows = []
         for task in self.whole.tasks:
-            scores = {}
-            for method, flat in (("base", None), ("own LoRA", zoo.final(task.name)), ("soup", soup)):
-                with live.use(flat):
-                    scores[method] = scorer.score(task.test)
+            scores = {method: self.scored(flat, task.test)
+                      for method, flat in (("base", None), ("own LoRA", zoo.final(task.name)), ("soup", soup))}
             rows.append({"task": task.name, "family": self.family[task.name]} | {m: v.ppl for m, v in scores.items()}
                         | {f"{m} bpc": v.bpc for m, v in scores.items()})
         return rows
+
+    def scored(self, flat: Tensor | None, text: str) -> Score:
+        """``text`` scored with the adapter ``flat`` (None: the base model); a fixed adapter's score on a
+        text is computed once (the zoo table's base and own LoRA are the held-out rows' base and oracle)."""
+        key = (None if flat is None else content_digest(flat), content_digest(text.encode()))
+        if key not in self._scores:
+            live, scorer = self.scorer()
+            with live.use(flat):
+                self._scores[key] = scorer.score(text)
+        return self._scores[key]
 
     def scorer(self) -> tuple[LiveAdapter, TextScorer]:
         if not hasattr(self, "_live"):
@@ -342,7 +372,6 @@ class Benchmark:
 
     def score(self, fold: Fold, seen: list[str], name: str, generators: dict, multitask: dict[int, Tensor]) -> dict:
         """One held-out task's row: every method's NLL/token, ppl and bpc on the task's text."""
-        live, scorer = self.scorer()
         task = next(t for t in self.whole.tasks if t.name == name)
         text = task.val if fold.role == "validation" else task.test
         zoo = self.whole.zoo if hasattr(self.whole, "zoo") else Zoo(self.whole.zoo_dir)
@@ -377,15 +406,8 @@ class Benchmark:
                 text_ = baselines.random_description(self.spec.random_description_chars, seed=len(name))
                 noise = self.condition(dm, kind, name, None, description=text_)
                 adapters["control: random-character description"] = self.decode(generator, dm, noise, 0)[0]
-        scores: dict[str, Score | list[Score]] = {}
-        for method, flat in adapters.items():
-            with live.use(flat):
-                scores[method] = scorer.score(text)
-        for method, flats in samples.items():
-            scores[method] = []
-            for flat in flats:
-                with live.use(flat):
-                    scores[method].append(scorer.score(text))
+        scores: dict[str, Score | list[Score]] = {method: self.scored(flat, text) for method, flat in adapters.items()}
+        scores |= {method: [self.scored(flat, text) for flat in flats] for method, flats in samples.items()}
         return {"fold": fold.name, "role": fold.role, "task": name, "family": self.family[name],
                 "seen_relatives": sum(self.family[s] == self.family[name] for s in seen),
                 "nearest_tv": seen[int(tv_sims.argmax())], "nearest_desc": seen[int(desc_sims.argmax())],

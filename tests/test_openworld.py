@@ -160,9 +160,9 @@ def test_runs_end_to_end_and_a_second_run_reuses_everything(tmp_path, task_specs
     assert summed.keys() == spent.keys() and all(summed[k] >= spent[k] for k in spent)
 
 
-def fold_generator(tmp_path, task_specs, cache_dir, zoo, held_out: str) -> tuple[dict, ZooDataModule]:
+def fold_generator(tmp_path, task_specs, cache_dir, zoo, held_out: str, *args: str) -> tuple[dict, ZooDataModule]:
     cli = OpenWorldCLI(ICMLoRA, ZooDataModule, trainer_class=Trainer, run=False,
-                       args=["--config", write_config(tmp_path, task_specs, cache_dir, zoo)])
+                       args=["--config", write_config(tmp_path, task_specs, cache_dir, zoo), *args])
     bench = Benchmark(cli)
     bench.whole.setup("fit")  # builds the conditions of every task
     seen = [n for n in bench.names if n != held_out]
@@ -193,6 +193,27 @@ def test_nothing_of_a_held_out_task_reaches_its_folds_generator(tmp_path, task_s
     assert torch.equal(real_dm.normalizer.mean, tampered_dm.normalizer.mean)
     assert torch.equal(real_dm.conditions, tampered_dm.conditions)
     assert real.keys() == tampered.keys() and all(torch.equal(real[k], tampered[k]) for k in real)
+
+
+def test_without_validation_a_folds_generator_is_its_last_epoch(tmp_path, task_specs, cache_dir, tiny_zoo):
+    """validate_generators false skips the seen-task scoring; the generator is the state after max_epochs,
+    the one a validated fit keeps when it validates the last epoch only."""
+    runs = {}
+    for validate in (True, False):
+        root = tmp_path / str(validate)
+        shutil.copytree(tiny_zoo, root / "zoo")
+        runs[validate] = fold_generator(root, task_specs, cache_dir, root / "zoo", "code", "--trainer.max_epochs", "2",
+                                        "--trainer.check_val_every_n_epoch", "2",
+                                        f"--openworld.validate_generators={str(validate).lower()}")[0]
+        folder = root / "results" / "ow_runs" / "leak" / "task_vector"
+        assert (folder / "downstream_val.csv").exists() == validate
+        best = files.read_json(folder / "done.json")["best"]
+        assert Path(best).exists() and best.endswith("final.ckpt") == (not validate)  # the last state, renamed
+    validated, last = runs[True], runs[False]
+    assert validated.keys() == last.keys() and all(torch.equal(validated[k], last[k]) for k in validated)
+    keys = [files.read_json(tmp_path / str(v) / "results" / "ow_runs" / "leak" / "task_vector" / "generator.json")
+            for v in (True, False)]
+    assert keys[0] != keys[1]  # a generator chosen on validation is not reused for one that is not, nor back
 
 
 def test_a_task_without_examples_or_description_is_an_error(zoo, task_specs, cache_dir):
