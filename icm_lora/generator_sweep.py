@@ -178,14 +178,15 @@ class Sweep:
         from icm_lora.openworld import Benchmark, OpenWorldCLI
         from icm_lora.system import ICMLoRA
 
-        extra = as_args(setting.changes) + ["--openworld.output", str(self.runs / slug(setting.name) / "openworld")]
+        extra = as_args(setting.changes) + ["--openworld.output", str(self.runs / slug(setting.name) / "openworld"),
+                                            # as every sweep so far (their runs stay valid); a schedule's sweep needs it
+                                            "--openworld.validate_generators", "true"]
         if any(k.startswith(CONDITION_CHANGES) for k in setting.changes):
             extra += ["--data.zoo_dir", str(zoo_view(self.cli.datamodule.zoo_dir, setting.name))]
         cli = OpenWorldCLI(ICMLoRA, ZooDataModule, trainer_class=Trainer, run=False, args=self.args + extra,
                            save_config_kwargs={"overwrite": True})
         bench = Benchmark(cli)
         bench.overrides = dict(setting.changes)  # over the kind's own changes (openworld.kind_changes) too
-        bench.spec.validate_generators = True  # as every sweep so far (their runs stay valid); a schedule's sweep needs it
         return bench
 
     def run_setting(self, setting: GeneratorSetting, shared: dict) -> dict:
