@@ -16,6 +16,8 @@ train on a thinner zoo (``seen_every: 2``: every second seen task only). For eac
 validation fold, the fold's generator is trained on the fold's seen tasks exactly as the benchmark
 trains it (cached, resumed, retrained when its settings change; under ``<output>_runs/<setting>/``),
 and each held-out task is scored on its *validation* text against the baselines of the benchmark.
+A setting that changes only how generators decode (``model.correction_scale``) decodes the
+generators of the first setting that trains the same ones.
 
 A setting that changes how conditions are computed gets a zoo view of its own under
 ``<zoo_dir>/views/<setting>``: the zoo's shards hard-linked (no copy, no retraining) and that
@@ -47,6 +49,7 @@ from icm_lora.tasks import slug
 from icm_lora.zoo import METADATA
 
 CONDITION_CHANGES = "data.condition."
+DECODING_CHANGES = ("model.correction_scale",)  # read at generation only: no generator of its own
 
 
 class GeneratorSweepError(ValueError):
@@ -178,7 +181,7 @@ class Sweep:
         from icm_lora.openworld import Benchmark, OpenWorldCLI
         from icm_lora.system import ICMLoRA
 
-        extra = as_args(setting.changes) + ["--openworld.output", str(self.runs / slug(setting.name) / "openworld"),
+        extra = as_args(setting.changes) + ["--openworld.output", str(self.runs / self.trained_as(setting) / "openworld"),
                                             # as every sweep so far (their runs stay valid); a schedule's sweep needs it
                                             "--openworld.validate_generators", "true"]
         if any(k.startswith(CONDITION_CHANGES) for k in setting.changes):
@@ -188,6 +191,16 @@ class Sweep:
         bench = Benchmark(cli)
         bench.overrides = dict(setting.changes)  # over the kind's own changes (openworld.kind_changes) too
         return bench
+
+    def trained_as(self, setting: GeneratorSetting) -> str:
+        """The folder of the setting's generators: the first setting's that trains the same ones
+        (the same changes apart from how they decode, the same seen tasks), so a decoding setting
+        decodes that setting's generators instead of training copies of them."""
+
+        def training(s: GeneratorSetting) -> tuple:
+            return s.seen_every, sorted((k, json.dumps(v)) for k, v in s.changes.items() if k not in DECODING_CHANGES)
+
+        return slug(next(s.name for s in self.spec.settings if training(s) == training(setting)))
 
     def run_setting(self, setting: GeneratorSetting, shared: dict) -> dict:
         from icm_lora.openworld import choose_top_k, finish_row

@@ -77,7 +77,7 @@ SG_LORA = "SG-LoRA (description)"
 MAX_SNAPSHOTS = 64  # checkpoints one multi-task run may keep to give every budget of multitask_steps
 # python -m icm_lora.generator_sweep --sweep <section>: the YAML sections it can run
 SWEEPS = ("generator_sweep", "generator_sweep_dense", "generator_sweep_mixup", "sg_lora_sweep", "sg_lora_sweep_mixup",
-          "generator_sweep_schedule")
+          "sg_lora_sweep_correction", "generator_sweep_schedule")
 
 
 class OpenWorldError(ValueError):
@@ -285,10 +285,11 @@ class Benchmark:
         self.cli.instantiate_classes()
         dm, model, trainer = self.cli.datamodule, self.cli.model, self.cli.trainer
         forget_other_settings(folder, key)
+        decoding = {"correction_scale": cfg.model.correction_scale}  # not trained on: the config's value decodes
         if done.exists():
             best = files.read_json(done)["best"]
             dm.setup("validate")
-            return ICMLoRA.load_from_checkpoint(best, map_location="cpu").eval(), dm
+            return ICMLoRA.load_from_checkpoint(best, map_location="cpu", **decoding).eval(), dm
         files.write_json(folder / "generator.json", {"key": key})  # what the checkpoints below are trained with
         resume = folder / "checkpoints" / "resume.ckpt"  # an interrupted fit goes on from its last epoch
         start = time.time()
@@ -302,7 +303,7 @@ class Benchmark:
         self.projector(trainer, dm, fold)
         files.write_json(done, {"best": best, "seen": seen, "held_out": fold.held_out, "key": key,
                                 "fit_seconds": time.time() - start})  # this run's part, if it resumed
-        return ICMLoRA.load_from_checkpoint(best, map_location="cpu").eval(), dm
+        return ICMLoRA.load_from_checkpoint(best, map_location="cpu", **decoding).eval(), dm
 
     def fitted_checkpoint(self, trainer, resume: Path) -> str:
         """The generator a fit leaves: the checkpoint chosen on validation, or without validation the
@@ -533,11 +534,13 @@ def snapshot_schedule(steps: list[int]) -> tuple[int, int]:
 
 def generator_key(cfg) -> str:
     """Hash of everything a fold's generator is trained from: its seen tasks and their zoo and
-    conditions, the CVAE, the trainer and the checkpoint selection (not where it logs)."""
+    conditions, the CVAE, the trainer and the checkpoint selection (not where it logs, nor how it
+    decodes)."""
     plain = cfg.as_dict()
     trainer = {k: v for k, v in plain["trainer"].items() if k not in ("logger", "default_root_dir")}
     if not plain["model"].get("mixup"):  # off: the key of releases before the option, so their generators stay valid
         plain["model"].pop("mixup", None)
+    plain["model"].pop("correction_scale", None)  # read at generation only: one trained generator serves every value
     return fingerprint({"seed": plain.get("seed_everything"), "trainer": trainer}
                        | {k: plain.get(k) for k in ("model", "data", "eval", "checkpoint")})
 

@@ -10,6 +10,10 @@ stride-2 Conv1d blocks over the sequence, here with two channels (mu*, log var*)
   whose output is added to mu*. It starts at zero, so an untrained generator returns mu*, the top-K
   weighted mean, and training learns how a task's LoRA differs from its neighbours' mixture.
 
+At generation the decoder's correction can be scaled (``correction_scale``: 1 is the paper's decode,
+0 returns mu* itself): a correction learned from a few dozen seen tasks may point the right way for
+an unseen one and still overshoot, and the scale is then a setting chosen on validation folds.
+
 Loss: MSE + lambda * KL(q || p), the KL in closed form between diagonal Gaussians.
 """
 
@@ -86,9 +90,9 @@ class SemanticCVAE(nn.Module):
         mu, logvar = h.chunk(2, dim=-1)
         return mu, logvar.clamp(-30.0, 20.0)
 
-    def decode(self, z: Tensor, mu_star: Tensor, h_c: Tensor) -> Tensor:
-        """(B, latent), (B, D), (B, hidden) -> (B, D)."""
-        return mu_star + self.decoder(torch.cat([z, h_c], dim=-1))
+    def decode(self, z: Tensor, mu_star: Tensor, h_c: Tensor, correction_scale: float = 1.0) -> Tensor:
+        """(B, latent), (B, D), (B, hidden) -> (B, D): mu* plus ``correction_scale`` times the correction."""
+        return mu_star + correction_scale * self.decoder(torch.cat([z, h_c], dim=-1))
 
     def loss(self, w: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         """Reconstruction MSE (mean over entries) and KL(q(z | w, c) || p(z | c)) (sum over latents, batch mean)."""
@@ -102,10 +106,11 @@ class SemanticCVAE(nn.Module):
         return F.mse_loss(recon.float(), w.float()), kl
 
     @torch.no_grad()
-    def generate(self, c: Tensor, num_samples: int = 1, mean: bool = False) -> Tensor:
-        """(B, 2 D) conditions -> (B, num_samples, D); z ~ p(z | c), or its mean with ``mean``."""
+    def generate(self, c: Tensor, num_samples: int = 1, mean: bool = False, correction_scale: float = 1.0) -> Tensor:
+        """(B, 2 D) conditions -> (B, num_samples, D); z ~ p(z | c), or its mean with ``mean``; the
+        decoder's correction to mu* scaled by ``correction_scale``."""
         c = c.repeat_interleave(num_samples, 0)  # (B * S, 2 D)
         mu_star, h_c = self.read_condition(c)
         mu_p, logvar_p = self._split(self.prior(h_c))
         z = mu_p if mean else mu_p + torch.randn_like(mu_p) * (0.5 * logvar_p).exp()
-        return self.decode(z, mu_star, h_c).view(-1, num_samples, self.input_dim)
+        return self.decode(z, mu_star, h_c, correction_scale).view(-1, num_samples, self.input_dim)

@@ -69,6 +69,10 @@ class ICMLoRA(L.LightningModule):
         hidden: ``sg_lora`` only: width of its MLPs.
         mixup: Beta(mixup, mixup) mixing of training pairs (see ``mixup``); 0: train on the zoo's
             own pairs only, as the papers do.
+        correction_scale: ``sg_lora`` only, at generation: the decoded LoRA is mu* plus this times the
+            decoder's correction (1: the paper's decode; 0: mu*, the top-K weighted mean); ``icm_lora``
+            has no mu* and ignores it. Training does not read it, so a trained generator decodes with
+            the config's value.
     """
 
     def __init__(self, lora_dim: int = 0, cond_dim: int = 0, latent_dim: int = 256,
@@ -77,7 +81,7 @@ class ICMLoRA(L.LightningModule):
                  kl_schedule: str = "linear", kl_warmup_steps: int = 500, kl_cycle_steps: int = 1000,
                  lr: float = 2.0e-4, min_lr_ratio: float = 0.01, weight_decay: float = 0.0,
                  num_samples: int = 1, generator: str = "icm_lora", hidden: int = 512,
-                 mixup: float = 0.0) -> None:
+                 mixup: float = 0.0, correction_scale: float = 1.0) -> None:
         super().__init__()
         if lora_dim <= 0 or cond_dim <= 0:
             raise ValueError("lora_dim and cond_dim must be positive (the CLI links them from the data module)")
@@ -125,7 +129,8 @@ class ICMLoRA(L.LightningModule):
         """(B, C) scaled conditions -> (B, S, D) normalised LoRA vectors, in eval mode, fp32."""
         was_training = self.training
         self.eval()
-        out = self.cvae.generate(condition.to(self.device, torch.float32), num_samples, mean).float()
+        scale = {"correction_scale": self.hparams.correction_scale} if isinstance(self.cvae, SemanticCVAE) else {}
+        out = self.cvae.generate(condition.to(self.device, torch.float32), num_samples, mean, **scale).float()
         self.train(was_training)
         return out
 

@@ -90,7 +90,7 @@ def test_a_generator_trained_with_other_settings_is_trained_again(tmp_path, task
     assert torch.load(second["best"], weights_only=False)["hyper_parameters"]["kl_weight"] == 0.1
 
 
-def test_mixup_off_keeps_the_generator_key_of_earlier_releases_and_on_changes_it():
+def test_mixup_off_and_decoding_settings_keep_the_generator_key_and_mixup_on_changes_it():
     from jsonargparse import Namespace
 
     def cfg(**model):
@@ -100,6 +100,7 @@ def test_mixup_off_keeps_the_generator_key_of_earlier_releases_and_on_changes_it
     earlier = generator_key(cfg(latent_dim=8))  # a release without the option
     assert generator_key(cfg(latent_dim=8, mixup=0.0)) == earlier
     assert generator_key(cfg(latent_dim=8, mixup=0.4)) != earlier
+    assert generator_key(cfg(latent_dim=8, correction_scale=0.5)) == earlier  # read at generation only
 
 
 def test_forget_other_settings_keeps_a_current_folder(tmp_path):
@@ -158,12 +159,16 @@ def test_sg_lora_sweep_section_and_settings_win_over_the_kinds_changes(tmp_path,
     cfg = yaml.safe_load(open(path))
     cfg["sg_lora_sweep"] = {"kind": "semantic", "output": str(tmp_path / "results" / "sg"), "settings": [
         {"name": "reference"}, {"name": "lambda 0.01", "changes": {"model.kl_weight": 0.01}},
-        {"name": "top 1", "changes": {"data.semantic.top_k": 1}}]}
+        {"name": "top 1", "changes": {"data.semantic.top_k": 1}},
+        {"name": "half correction", "changes": {"model.correction_scale": 0.5}}]}
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f)
     results = generator_sweep.main(["--config", path, "--sweep", "sg_lora_sweep"])
-    assert [r["setting"] for r in results] == ["reference", "lambda 0.01", "top 1"]
+    assert [r["setting"] for r in results] == ["reference", "lambda 0.01", "top 1", "half correction"]
     runs = tmp_path / "results" / "sg_runs"
+    assert not (runs / "half_correction").exists()  # it decodes the reference's generators, trains none
+    full, half = (generator_sweep.gaps(results[i], "SG-LoRA (description)")["animals"] for i in (0, 3))
+    assert full != half
     hparams = {}
     for name in ("reference", "lambda_0.01"):
         done = files.read_json(runs / name / "openworld_runs" / "val" / "semantic" / "done.json")

@@ -123,6 +123,11 @@ def test_semantic_cvae_starts_at_mu_star_and_learns():
         loss.backward()
         opt.step()
     assert recon.item() < 0.3 * first
+    model.eval()
+    full = model.generate(c, mean=True)[:, 0]  # (6, d)
+    half = model.generate(c, mean=True, correction_scale=0.5)[:, 0]
+    assert not torch.allclose(full, c[:, :d]) and torch.allclose(half, c[:, :d] + 0.5 * (full - c[:, :d]), atol=1e-5)
+    assert torch.equal(model.generate(c, mean=True, correction_scale=0.0)[:, 0], c[:, :d])  # mu* itself
     with pytest.raises(ValueError, match="semantic"):
         ICMLoRA(lora_dim=d, cond_dim=d, generator="sg_lora")
     with pytest.raises(ValueError, match="generator"):
