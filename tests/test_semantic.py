@@ -150,6 +150,20 @@ def sg_run(tiny_run, tmp_path_factory):
     return work, common + ["--ckpt_path", str(ckpt)]
 
 
+def test_a_trained_generator_decodes_with_the_correction_scale_it_is_loaded_with(sg_run):
+    """openworld and predict load one checkpoint at the config's scale: 0 gives mu*, 0.5 half the correction."""
+    ckpt = sg_run[1][-1]
+    full = ICMLoRA.load_from_checkpoint(ckpt, map_location="cpu")
+    d = full.hparams.lora_dim
+    c = torch.cat([torch.randn(3, d), torch.rand(3, full.hparams.cond_dim - d)], dim=1)  # [mu*, var*]
+    out = full.generate(c, mean=True)[:, 0]
+    assert not torch.allclose(out, c[:, :d])  # training learned a correction
+    none = ICMLoRA.load_from_checkpoint(ckpt, map_location="cpu", correction_scale=0.0).generate(c, mean=True)
+    assert torch.equal(none[:, 0], c[:, :d])
+    half = ICMLoRA.load_from_checkpoint(ckpt, map_location="cpu", correction_scale=0.5).generate(c, mean=True)
+    assert torch.allclose(half[:, 0], c[:, :d] + 0.5 * (out - c[:, :d]), atol=1e-5)
+
+
 def test_predict_description_writes_a_peft_folder_naming_its_experts(sg_run, capsys):
     work, common = sg_run
     out = work / "adapters"
