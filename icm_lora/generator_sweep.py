@@ -45,11 +45,12 @@ from typing import Any
 import torch
 
 from icm_lora import base, files, hardware
+from icm_lora.system import DECODING_ARGS
 from icm_lora.tasks import slug
 from icm_lora.zoo import METADATA
 
 CONDITION_CHANGES = "data.condition."
-DECODING_CHANGES = ("model.correction_scale",)  # read at generation only: no generator of its own
+DECODING_CHANGES = tuple(f"model.{name}" for name in DECODING_ARGS)  # read at generation only: no generator of its own
 
 
 class GeneratorSweepError(ValueError):

@@ -67,7 +67,7 @@ from icm_lora.data import ZooDataModule
 from icm_lora.evaluate import LiveAdapter, Score, TextScorer
 from icm_lora.generator_sweep import GeneratorSweep
 from icm_lora.lora_sweep import LoRASweep
-from icm_lora.system import ICMLoRA
+from icm_lora.system import DECODING_ARGS, ICMLoRA
 from icm_lora.tasks import Task, fingerprint, slug
 from icm_lora.zoo import Zoo, ZooMismatch
 from icm_lora.zoo_build import build
@@ -285,7 +285,7 @@ class Benchmark:
         self.cli.instantiate_classes()
         dm, model, trainer = self.cli.datamodule, self.cli.model, self.cli.trainer
         forget_other_settings(folder, key)
-        decoding = {"correction_scale": cfg.model.correction_scale}  # not trained on: the config's value decodes
+        decoding = {k: cfg.model[k] for k in DECODING_ARGS}  # not trained on: the config's values decode
         if done.exists():
             best = files.read_json(done)["best"]
             dm.setup("validate")
@@ -540,7 +540,8 @@ def generator_key(cfg) -> str:
     trainer = {k: v for k, v in plain["trainer"].items() if k not in ("logger", "default_root_dir")}
     if not plain["model"].get("mixup"):  # off: the key of releases before the option, so their generators stay valid
         plain["model"].pop("mixup", None)
-    plain["model"].pop("correction_scale", None)  # read at generation only: one trained generator serves every value
+    for name in DECODING_ARGS:  # read at generation only: one trained generator serves every value
+        plain["model"].pop(name, None)
     return fingerprint({"seed": plain.get("seed_everything"), "trainer": trainer}
                        | {k: plain.get(k) for k in ("model", "data", "eval", "checkpoint")})
 

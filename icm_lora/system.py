@@ -11,6 +11,10 @@ from torch import Tensor
 from icm_lora.cvae import CVAE, PAPER_CHANNELS
 from icm_lora.sg_cvae import SemanticCVAE
 
+# ICMLoRA arguments read at generation only: a trained generator serves every value of them, so they stay out of
+# its key and a checkpoint is loaded with the config's value
+DECODING_ARGS = ("correction_scale",)
+
 KL_SCHEDULES = ("constant", "linear", "cyclical")
 GENERATORS = ("icm_lora", "sg_lora")
 
