@@ -231,9 +231,20 @@ class ZooDataModule(L.LightningDataModule):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     def precisions(self) -> dict[str, str]:
-        """The precision each building phase runs in on this machine (``auto`` resolved)."""
-        return {"LoRA zoo": hardware.resolve_precision(self.training.precision, self.device),
-                "task vectors": hardware.resolve_precision(self.condition.precision, self.device)}
+        """The precision of each building phase: as the zoo records it for the entries this config uses
+        (a zoo built on another machine keeps its own), ``auto`` resolved here for what is still to build."""
+        path = self.zoo_dir / "metadata.json"
+        meta = files.read_json(path) if path.exists() else {}
+        names = [spec.name for spec in self.task_specs]
+        planned = hardware.resolve_precision(self.training.precision, self.device)
+        stale = mismatches(self.zoo_dir, self.sources(), self.training)
+        entries = meta.get("tasks", {})
+        zoo = [planned if n in stale else entries[n].get("computed", {}).get("precision", planned) for n in names]
+        planned = hardware.resolve_precision(self.condition.precision, self.device)
+        stale = set(self._stale_conditions())
+        computed = meta.get("conditions", {}).get("computed", {})
+        vectors = [planned if n in stale or n not in computed else computed[n]["precision"] for n in names]
+        return {"LoRA zoo": _tally(zoo), "task vectors": _tally(vectors)}
 
     def build(self) -> None:
         """Build what the zoo lacks: LoRAs (the ranks split the tasks), then conditions (rank 0)."""
@@ -319,8 +330,11 @@ class ZooDataModule(L.LightningDataModule):
             tensors[f"description/{slug(task.name)}"] = emb
         current = self._condition_hashes()
         hashes.update({name: current[name] for name in names})
+        how = {"precision": hardware.resolve_precision(self.condition.precision, self.device), "device": str(self.device)}
+        computed = {n: c for n, c in built.get("computed", {}).items() if n in hashes} if same_spec else {}
+        computed.update({name: how for name in names})  # how each task's condition was computed: recorded, not hashed
         files.save_tensors(path, tensors)
-        meta["conditions"] = {"file": CONDITIONS, "spec": asdict(self.condition), "tasks": hashes}
+        meta["conditions"] = {"file": CONDITIONS, "spec": asdict(self.condition), "tasks": hashes, "computed": computed}
         files.write_json(self.zoo_dir / "metadata.json", meta)
 
     # ---- reading --------------------------------------------------------------------------
@@ -472,3 +486,11 @@ class ZooDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         names, conds = self.predict_conditions()
         return DataLoader([{"name": n, "condition": c} for n, c in zip(names, conds)], batch_size=len(names))
+
+
+def _tally(values: list[str]) -> str:
+    """``fp32`` when every task agrees, else each value with its task count (``fp32 (20 tasks), bf16 (12 tasks)``)."""
+    counts = {v: values.count(v) for v in dict.fromkeys(values)}
+    if not counts:
+        return "no tasks"
+    return next(iter(counts)) if len(counts) == 1 else ", ".join(f"{v} ({k} task{'s' * (k > 1)})" for v, k in counts.items())

@@ -1,11 +1,12 @@
 import shutil
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 import torch
 
 from conftest import BUDGET, CONDITION, LORA, TRAINING
-from icm_lora import base, files
+from icm_lora import base, files, hardware
 from icm_lora.data import CONDITIONS, MetaBatchSampler, ZooDataModule
 
 
@@ -171,3 +172,22 @@ def test_condition_draws_pair_training_checkpoints_with_single_prompts(datamodul
     with pytest.raises(ValueError, match="condition_draws"):
         ZooDataModule(str(dm.zoo_dir), base.TINY_LLAMA, task_specs, BUDGET, LORA, TRAINING, CONDITION,
                       condition_draws=-1, cache_dir=str(cache_dir))
+
+
+def test_the_reported_precision_is_the_one_the_zoo_was_built_in(datamodule, task_specs, cache_dir, monkeypatch):
+    # The tiny zoo's LoRAs were trained in fp32; its conditions in what `auto` chose on this machine.
+    recorded = files.read_json(datamodule.zoo_dir / "metadata.json")["conditions"]["computed"]
+    assert set(recorded) == {s.name for s in task_specs}
+    built_in = recorded[task_specs[0].name]["precision"]
+    other = {"fp32": "bf16", "bf16": "fp32"}[built_in]
+    # On a machine where `auto` would choose the other precision, the report still names what was built.
+    monkeypatch.setattr(hardware, "resolve_precision", lambda p, device: other if p == "auto" else p)
+    auto = replace(TRAINING, precision="auto")
+    dm = ZooDataModule(str(datamodule.zoo_dir), base.TINY_LLAMA, task_specs, BUDGET, LORA, auto, CONDITION,
+                       cache_dir=str(cache_dir))
+    assert dm.precisions() == {"LoRA zoo": "fp32", "task vectors": built_in}
+    # What is still to be built is reported as it will be built: here, one task whose text changed.
+    changed = [task_specs[0], replace(task_specs[1], description="other words"), task_specs[2]]
+    dm = ZooDataModule(str(datamodule.zoo_dir), base.TINY_LLAMA, changed, BUDGET, LORA, auto, CONDITION,
+                       cache_dir=str(cache_dir))
+    assert dm.precisions()["task vectors"] == f"{built_in} (2 tasks), {other} (1 task)"
