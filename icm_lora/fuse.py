@@ -53,12 +53,17 @@ class FusionSet:
     Args:
         name: the set's name (in file names).
         tasks: zoo task names; ``[all]`` is every zoo task.
-        kind: what the set tests (``pair``, ``across`` families, ``within`` one family, ``eight``, ``all``).
+        kind: what the set tests (``pair``, ``across`` families, ``within`` one family, ``eight``, ``all``,
+            ``long_tail``).
+        tail: the long-tail case: this task of the set has its LoRA trained on only ``FusionBench.tail_share``
+            of its training text, in a copy of the zoo; every method fuses that LoRA, and ICM-Fusion's
+            generator is fit on that zoo. Retention is still measured against the task's LoRA on all its text.
     """
 
     name: str
     tasks: list[str]
     kind: str = ""
+    tail: str | None = None
 
 
 @dataclass
@@ -73,6 +78,7 @@ class FusionBench:
         lorahub: LoraHub's row: grid of ``LoraHubSpec`` settings (the first: its defaults; empty: no row).
         union_steps: training steps per task of the set's union LoRA (0: no union LoRA).
         union_max_steps: cap on the union LoRA's steps.
+        tail_share: share of its training text a set's ``tail`` task is trained on (the long-tail case).
         output: path stem of the table and CSV; per-set results go to ``<output>_runs/``.
     """
 
@@ -82,6 +88,7 @@ class FusionBench:
     lorahub: list[dict[str, Any]] = field(default_factory=list)
     union_steps: int = 64
     union_max_steps: int = 512
+    tail_share: float = 0.01
     output: str = "results/fusion"
 
 

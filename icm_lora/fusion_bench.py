@@ -14,6 +14,11 @@ all), every method fuses the tasks' adapters into one, which is scored on each t
   ``union_max_steps``), the reference a data-free method tries to approach;
 - each task's own LoRA (the per-task ceiling) and the base model.
 
+A set with a ``tail`` is the long-tail case: in a copy of the zoo, that task's LoRA is trained on
+``tail_share`` of its training text (about 1%), and every method, ICM-Fusion's generator (fit on that
+zoo) included, works from that LoRA; retention is still measured against the LoRA it would have with
+all its text, and the table shows the tail task apart from the others.
+
 Retention of a task is the share of its own LoRA's gain over the base model, in NLL per token, that
 the fused adapter keeps (1: all of it, 0: none, negative: worse than the base model); pooled
 retention is the set's summed gain over its own LoRAs' summed gain, which stays stable where one
@@ -50,7 +55,7 @@ from icm_lora.merge import MergeSpec, delta_weights, factorize, module_names, pa
 from icm_lora.openworld import forget_other_settings, generator_key
 from icm_lora.system import ICMLoRA
 from icm_lora.tasks import Task, slug
-from icm_lora.zoo import LoRASpec, Zoo, lora_layout
+from icm_lora.zoo import LoRASpec, Zoo, copy_zoo, lora_layout
 from icm_lora.zoo_build import build
 
 
@@ -77,13 +82,19 @@ def pooled(per_task: dict) -> float:
 
 class Bench:
     """Runs the benchmark from a parsed ``FuseCLI`` (``run=False``); without ``--ckpt_path`` it first fits the
-    config's generator on every zoo task (under ``<output>_runs/generator``)."""
+    config's generator on every zoo task (under ``<output>_runs/generator``).
 
-    def __init__(self, cli: FuseCLI) -> None:
+    Args:
+        ceiling: the zoo whose LoRAs are each task's own (retention's 1); default: the config's zoo.
+    """
+
+    def __init__(self, cli: FuseCLI, ceiling: Zoo | None = None) -> None:
         self.cli, self.spec = cli, cli.config_init["fusion_bench"]
         self.out = Path(self.spec.output)
         self.runs = self.out.parent / f"{self.out.name}_runs"
-        self.ckpt_path = cli.config.ckpt_path or (self.train_generator() if self.spec.fusions else None)
+        # A generator is fit for ICM-Fusion's rows of the sets run here (a long-tail set's bench fits its own).
+        wanted = self.spec.fusions and (ceiling is not None or any(not s.tail for s in self.spec.sets))
+        self.ckpt_path = cli.config.ckpt_path or (self.train_generator() if wanted else None)
         self.dm: ZooDataModule = cli.datamodule
         self.dm.setup("predict")
         self.tasks = {t.name: t for t in self.dm.tasks}
@@ -106,6 +117,8 @@ class Bench:
         self.precision = hardware.resolve_precision(ev.precision, self.dm.device)
         self._scores: dict[str, dict] = {}  # task -> split -> base / own -> Score
         self._bare = None  # the base model the union LoRAs are trained on, loaded at the first union
+        self.ceiling = ceiling or self.dm.zoo
+        self._tails: dict[str, Bench] = {}
 
     def train_generator(self) -> str:
         """The F-VAE: the config's generator fit on every zoo task (reused when trained with the same
@@ -142,7 +155,29 @@ class Bench:
         unknown = [n for n in names if n not in self.dm.task_names]
         if unknown:
             raise FusionError(f"fusion_bench set {s.name!r}: {unknown} are not zoo tasks")
+        if s.tail is not None and s.tail not in names:
+            raise FusionError(f"fusion_bench set {s.name!r}: its tail {s.tail!r} is not one of its tasks")
         return list(names)
+
+    def tail_bench(self, task: str) -> Bench:
+        """This benchmark on a copy of the zoo where ``task``'s LoRA is trained on ``tail_share`` of its
+        training text (built here), its generator fit on that zoo; retention against this zoo's LoRAs."""
+        if task not in self._tails:
+            chars = max(1, round(self.spec.tail_share * self.dm.text.train_chars))
+            folder = self.runs / f"tail-{slug(task)}-{chars}chars"
+            cfg = copy.deepcopy(self.cli.config)
+            for spec in cfg.data.tasks:
+                if spec.name == task:
+                    spec.train_chars = chars
+            cfg.data.zoo_dir, cfg.ckpt_path = str(folder / "zoo"), None
+            cfg.fusion_bench.output, cfg.fusion_bench.sets = str(folder / "fusion"), []
+            copy_zoo(self.dm.zoo_dir, folder / "zoo")
+            cli = FuseCLI(ICMLoRA, ZooDataModule, trainer_class=Trainer, run=False, args=cfg,
+                          save_config_callback=None, parser_kwargs={"prog": "python -m icm_lora.fusion_bench"})
+            print(f"long-tail case: {task}'s LoRA on {chars:,} characters of its text, in {folder / 'zoo'}", flush=True)
+            cli.datamodule.build()  # the tail's LoRA and condition; the other tasks' are the copied ones
+            self._tails[task] = Bench(cli, ceiling=self.dm.zoo)
+        return self._tails[task]
 
     # ---- adapters -> scores ---------------------------------------------------------------------
     def widen(self, adapter: Tensor | dict[str, Tensor]) -> Tensor:
@@ -163,7 +198,7 @@ class Bench:
         """split -> base / own -> task -> Score (each computed once per process)."""
         for n in names:
             if n not in self._scores:
-                own = self.widen(self.dm.zoo.final(n))
+                own = self.widen(self.ceiling.final(n))
                 self._scores[n] = {split: {"base": self.score(None, n, split), "own": self.score(own, n, split)}
                                    for split in ("val", "test")}
         return {split: {who: {n: self._scores[n][split][who] for n in names} for who in ("base", "own")}
@@ -249,6 +284,11 @@ class Bench:
         own_test = {n: self.entry(test["own"][n], test["base"][n], test["own"][n]) for n in names}
         base_test = {n: self.entry(test["base"][n], test["base"][n], test["own"][n]) for n in names}
         rows.append(self.row(s, names, "own LoRA per task (ceiling)", "reference", "-", {}, own_test, 1.0, 0.0))
+        if self.ceiling is not self.dm.zoo:  # the long-tail case: each task's LoRA as the methods got it
+            got = {n: self.entry(self.score(self.widen(self.dm.zoo.final(n)), n, "test"), test["base"][n], test["own"][n])
+                   for n in names}
+            rows.append(self.row(s, names, "own LoRA per task, as fused (the tail's on little text)", "reference", "-",
+                                 {}, got, float("nan"), 0.0))
         rows.append(self.row(s, names, "base model", "reference", "-", {}, base_test, 0.0, 0.0))
         return rows
 
@@ -262,21 +302,25 @@ class Bench:
                 "mean_retention": statistics.fmean(ret), "pooled_retention": pooled(per_task), "worst_retention": ret[worst], "worst_task": names[worst],
                 "mean_ppl": statistics.fmean(per_task[n]["ppl"] for n in names),
                 "mean_bpc": statistics.fmean(per_task[n]["bpc"] for n in names),
-                "per_task": {n: per_task[n]["retention"] for n in names}, "seconds": seconds}
+                "per_task": {n: per_task[n]["retention"] for n in names}, "seconds": seconds, "tail": s.tail or ""}
 
     # ---- the whole benchmark ------------------------------------------------------------------------
     def run(self) -> list[dict]:
         rows = []
         for s in self.spec.sets:
             path = self.runs / f"{slug(s.name)}.json"
-            key = {"tasks": self.members(s), "fusions": self.spec.fusions, "merges": self.spec.merges,
+            names = self.members(s)
+            bench = self.tail_bench(s.tail) if s.tail else self
+            key = {"tasks": names, "fusions": self.spec.fusions, "merges": self.spec.merges,
                    "union_steps": self.spec.union_steps, "union_max_steps": self.spec.union_max_steps, "selection": "pooled",
-                   "checkpoint": str(self.ckpt_path)} | ({"lorahub": self.spec.lorahub} if self.spec.lorahub else {})
-            key["contents"] = self.contents(key["tasks"])
+                   "checkpoint": str(bench.ckpt_path)} | ({"lorahub": self.spec.lorahub} if self.spec.lorahub else {})
+            if s.tail:
+                key |= {"tail": s.tail, "tail_share": self.spec.tail_share, "ceiling": self.contents(names)}
+            key["contents"] = bench.contents(names)
             done = files.read_json(path) if path.exists() else {}
             if done.get("key") != key:
-                print(f"fusion set {s.name} ({len(key['tasks'])} tasks) ...", flush=True)
-                done = {"key": key, "rows": self.run_set(s)}
+                print(f"fusion set {s.name} ({len(names)} tasks{f', tail {s.tail}' if s.tail else ''}) ...", flush=True)
+                done = {"key": key, "rows": bench.run_set(s)}
                 files.write_json(path, done)
             rows += done["rows"]
             self.write(rows)
@@ -311,17 +355,19 @@ def format_tables(rows: list[dict], header: str) -> tuple[str, str]:
              "that the fused adapter keeps; pooled: the set's summed gain over its own LoRAs' summed gain. "
              "Settings chosen by pooled retention on validation text (`tuned`, 3 settings per method) or the "
              "method's defaults (the first setting).\n", "## Mean retention by set size (tuned; mean over sets, worst task in brackets)\n"]
-    sizes = sorted({r["size"] for r in rows})
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    whole = [r for r in rows if not r.get("tail")]  # the long-tail sets have a section of their own
+    sizes = sorted({r["size"] for r in whole})
+    methods = list(dict.fromkeys(r["method"] for r in whole))
     lines.append("| method | " + " | ".join(f"{k} tasks" for k in sizes) + " |")
     lines.append("|---|" + "---|" * len(sizes))
     for m in methods:
         cells = []
         for k in sizes:
-            picked = [r for r in rows if r["method"] == m and r["size"] == k and r["chosen"] in ("tuned", "-")]
+            picked = [r for r in whole if r["method"] == m and r["size"] == k and r["chosen"] in ("tuned", "-")]
             cells.append(f"{statistics.fmean(r['mean_retention'] for r in picked):.2f} "
                          f"({statistics.fmean(r['worst_retention'] for r in picked):.2f})" if picked else "")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += long_tail_lines([r for r in rows if r.get("tail")])
     for name in dict.fromkeys(r["set"] for r in rows):
         part = [r for r in rows if r["set"] == name]
         lines += [f"\n## {name} ({part[0]['kind']}, {part[0]['size']} tasks)\n",
@@ -334,12 +380,28 @@ def format_tables(rows: list[dict], header: str) -> tuple[str, str]:
                          f"{r['pooled_retention']:.2f} | "
                          f"{r['mean_ppl']:.2f} | {r['mean_bpc']:.3f} |")
     buf = io.StringIO()
-    fields = [k for k in rows[0] if k != "per_task"] + ["per_task"]
+    fields = [k for k in dict.fromkeys(k for r in rows for k in r) if k != "per_task"] + ["per_task"]  # older rows lack some
     writer = csv.DictWriter(buf, fieldnames=fields)
     writer.writeheader()
     for r in rows:
         writer.writerow(r | {"settings": repr(r["settings"]), "per_task": repr(r["per_task"])})
     return "\n".join(lines) + "\n", buf.getvalue()
+
+
+def long_tail_lines(rows: list[dict]) -> list[str]:
+    """Markdown, per long-tail set: each method's retention of the tail task and of the others (tuned)."""
+    lines = []
+    for name in dict.fromkeys(r["set"] for r in rows):
+        part = [r for r in rows if r["set"] == name and r["chosen"] in ("tuned", "-")]
+        tail = part[0]["tail"]
+        lines += [f"\n## Long-tail case: {name} (the LoRA of `{tail}` trained on little of its text; retention "
+                  "against its LoRA on all of it; tuned)\n",
+                  f"| method | {tail} (tail) | others, mean | others, worst |", "|---|---|---|---|"]
+        for r in part:
+            others = [v for k, v in r["per_task"].items() if k != tail]
+            lines.append(f"| {r['method']} | {r['per_task'][tail]:.2f} | {statistics.fmean(others):.2f} | "
+                         f"{min(others):.2f} |")
+    return lines
 
 
 def main(args: list[str] | None = None) -> list[dict]:

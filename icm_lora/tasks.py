@@ -42,6 +42,9 @@ class TaskSpec:
         chunk_chars: cut each document into pieces of about this many characters at line breaks,
             for corpora that ship as a few large files (a whole Bible, a long JSON schema); each
             piece is then a document of its own. ``None`` keeps documents whole.
+        train_chars: train the task's LoRA on at most this many characters, fewer than the
+            ``TextBudget``'s (a long-tail task with little data); its validation, test and
+            demonstration text stay the same. ``None``: the budget's.
     """
 
     name: str
@@ -54,10 +57,13 @@ class TaskSpec:
     split: str = "train"
     strip_front_matter: bool = False
     chunk_chars: int | None = None
+    train_chars: int | None = None
 
     def __post_init__(self) -> None:
-        if self.chunk_chars is not None and self.chunk_chars < 1:
-            raise ValueError(f"task {self.name!r}: chunk_chars must be positive, got {self.chunk_chars}")
+        for option in ("chunk_chars", "train_chars"):
+            value = getattr(self, option)
+            if value is not None and value < 1:
+                raise ValueError(f"task {self.name!r}: {option} must be positive, got {value}")
 
     def hashed(self) -> dict:
         """The fields that identify the task's text; options left at their default are omitted, so
@@ -65,7 +71,7 @@ class TaskSpec:
         return {k: v for k, v in asdict(self).items() if not (k in _OPTIONAL and v == _OPTIONAL[k])}
 
 
-_OPTIONAL = {"chunk_chars": None}  # options added after zoos existed, with their defaults
+_OPTIONAL = {"chunk_chars": None, "train_chars": None}  # options added after zoos existed, with their defaults
 
 
 @dataclass
@@ -208,7 +214,7 @@ def split_task(spec: TaskSpec, budget: TextBudget) -> Task:
     test, docs = _take_chars(docs, budget.test_chars)
     val, docs = _take_chars(docs, budget.val_chars)
     demos, docs = docs[: budget.num_demos], docs[budget.num_demos :]
-    train, _ = _take_chars(docs, budget.train_chars)
+    train, _ = _take_chars(docs, min(budget.train_chars, spec.train_chars or budget.train_chars))
     for split, part in (("test", test), ("validation", val), ("train", train)):
         if not part:
             raise ValueError(f"task {spec.name!r} has too little text for its {split} split "

@@ -15,6 +15,8 @@ builds the zoo; ``mismatches`` says which entries a config would retrain, and wh
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -198,6 +200,27 @@ class Zoo:
             total_sq += (ckpts**2).sum(0)
             count += len(ckpts)
         return Normalizer.from_sums(self.layout, total, total_sq, count, scheme)
+
+
+def copy_zoo(src: str | Path, dst: str | Path) -> None:
+    """Start a zoo at ``dst`` as a copy of the one at ``src`` (every task's shard and the conditions,
+    hard-linked where the filesystem allows), so a variant of a config retrains only what it changes.
+    The metadata is written last: an interrupted copy is finished by the next call. Writes into the copy
+    replace its files (temp file + rename) and never touch ``src``'s. A zoo already at ``dst`` is kept."""
+    src, dst = Path(src), Path(dst)
+    if (dst / METADATA).exists():
+        return
+    meta = files.read_json(src / METADATA)
+    names = [e["file"] for e in meta["tasks"].values()] + ([meta["conditions"]["file"]] if "conditions" in meta else [])
+    for name in names:
+        target = dst / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.unlink(missing_ok=True)
+        try:
+            os.link(src / name, target)
+        except OSError:  # another filesystem, or no hard links
+            shutil.copyfile(src / name, target)
+    files.write_json(dst / METADATA, meta)
 
 
 def header(base_model: str, base_model_path: str, lora: LoRASpec, layout: FlatLayout) -> dict:

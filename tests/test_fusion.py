@@ -333,3 +333,36 @@ def test_a_bench_of_merges_only_needs_no_generator(tiny_run, monkeypatch):
     assert [r["method"] for r in rows if r["chosen"] == "tuned"] == ["LoraHub (weights fitted on demonstrations)"]
     assert not (out.parent / "hub_only_runs" / "generator").exists()  # nothing was fit
     assert "generator none" in out.with_suffix(".md").read_text()
+
+
+def test_the_long_tail_case_trains_the_tail_on_little_text_in_a_copy_of_the_zoo(tiny_run, monkeypatch):
+    monkeypatch.chdir(tiny_run)
+    _, common = run_paths(tiny_run)
+    zoo = tiny_run / "zoo"
+    before = {p: p.stat().st_mtime_ns for p in zoo.rglob("*") if p.is_file()}
+    out = tiny_run / "results" / "tail"
+    args = [*common, "--fusion_bench.output", str(out),
+            "--fusion_bench.sets", "[{name: tail, kind: long_tail, tasks: [legal, python], tail: python}]",
+            "--fusion_bench.fusions", '{"ICM-Fusion (mean)": [{rule: mean}]}',
+            "--fusion_bench.merges", "{task_arithmetic: [{scale: 1.0}]}", "--fusion_bench.lorahub", "[]",
+            "--fusion_bench.union_steps", "0", "--fusion_bench.tail_share", "0.2"]
+    rows = fusion_bench.main(args)
+    copy = out.parent / "tail_runs" / "tail-python-1200chars" / "zoo"
+    meta = files.read_json(copy / "metadata.json")
+    assert meta["tasks"]["python"]["source"]["task"]["train_chars"] == 1200  # retrained on 1% ... here 20%
+    assert "train_chars" not in meta["tasks"]["legal"]["source"]["task"]  # copied as it was
+    assert (copy / meta["tasks"]["legal"]["file"]).read_bytes() == (zoo / meta["tasks"]["legal"]["file"]).read_bytes()
+    assert (copy / meta["tasks"]["python"]["file"]).read_bytes() != (zoo / meta["tasks"]["python"]["file"]).read_bytes()
+    assert {p: p.stat().st_mtime_ns for p in zoo.rglob("*") if p.is_file()} == before  # the shared zoo untouched
+    assert (out.parent / "tail_runs" / "tail-python-1200chars" / "fusion_runs" / "generator" / "fit" / "done.json").exists()
+    assert not (out.parent / "tail_runs" / "generator").exists()  # no set needed the shared zoo's generator
+    by = {(r["method"], r["chosen"]): r for r in rows}
+    assert by[("own LoRA per task (ceiling)", "-")]["per_task"] == {"legal": 1.0, "python": 1.0}
+    as_fused = by[("own LoRA per task, as fused (the tail's on little text)", "-")]["per_task"]
+    assert as_fused["legal"] == pytest.approx(1.0, abs=1e-6) and as_fused["python"] != pytest.approx(1.0, abs=1e-6)
+    assert all(r["tail"] == "python" for r in rows)
+    table = out.with_suffix(".md").read_text()
+    assert "## Long-tail case: tail" in table and "| python (tail) | others, mean |" in table
+    stamp = (out.parent / "tail_runs" / "tail.json").stat().st_mtime_ns
+    fusion_bench.main(args)  # resumes: the copy and its generator are reused, the set read back
+    assert (out.parent / "tail_runs" / "tail.json").stat().st_mtime_ns == stamp

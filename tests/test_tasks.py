@@ -106,6 +106,20 @@ def test_big_files_are_chunked_into_documents_and_line_lists_joined(tmp_path):
 
 def test_new_options_at_their_default_keep_existing_zoo_hashes():
     spec = TaskSpec("t", builder="text", data_files="x.txt")
-    old_style = {k: v for k, v in spec.__dict__.items() if k != "chunk_chars"}  # a spec before chunk_chars
+    old_style = {k: v for k, v in spec.__dict__.items() if k not in ("chunk_chars", "train_chars")}  # before both
     assert spec.hashed() == old_style and fingerprint(spec.hashed()) == fingerprint(old_style)
     assert "chunk_chars" in TaskSpec("t", chunk_chars=10).hashed()
+    assert "train_chars" in TaskSpec("t", train_chars=10).hashed()
+
+
+def test_a_long_tail_task_trains_on_less_text_and_keeps_its_held_out_text(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"document {i} " + "word " * 60}) for i in range(80)))
+    budget = TextBudget(train_chars=10_000, val_chars=800, test_chars=800, num_demos=4, demo_chars=100)
+    full = split_task(TaskSpec("t", data_files=str(path)), budget)
+    tail = split_task(TaskSpec("t", data_files=str(path), train_chars=500), budget)
+    assert sum(map(len, tail.train)) == 500 and sum(map(len, full.train)) == 10_000
+    assert tail.train[0] == full.train[0][: len(tail.train[0])]  # the first of the same documents
+    assert (tail.val, tail.test, tail.demos) == (full.val, full.test, full.demos)
+    with pytest.raises(ValueError, match="train_chars must be positive"):
+        TaskSpec("t", train_chars=0)
