@@ -344,8 +344,9 @@ class Bench:
         print(markdown)
 
     def hardware(self) -> str:
+        tails = "".join(f"; long-tail case `{t}`: generator {b.ckpt_path or 'none'}" for t, b in self._tails.items())
         return (f"Hardware: {hardware.describe(self.dm.device)}, scoring {self.precision}; generator "
-                f"{self.ckpt_path or 'none (no ICM-Fusion rows)'}")
+                f"{self.ckpt_path or ('none' if tails else 'none (no ICM-Fusion rows)')}{tails}")
 
 
 def format_tables(rows: list[dict], header: str) -> tuple[str, str]:
@@ -354,12 +355,13 @@ def format_tables(rows: list[dict], header: str) -> tuple[str, str]:
              "Retention: the share of each task's own-LoRA gain over the base model (NLL per token, test text) "
              "that the fused adapter keeps; pooled: the set's summed gain over its own LoRAs' summed gain. "
              "Settings chosen by pooled retention on validation text (`tuned`, 3 settings per method) or the "
-             "method's defaults (the first setting).\n", "## Mean retention by set size (tuned; mean over sets, worst task in brackets)\n"]
+             "method's defaults (the first setting).\n"]
     whole = [r for r in rows if not r.get("tail")]  # the long-tail sets have a section of their own
     sizes = sorted({r["size"] for r in whole})
     methods = list(dict.fromkeys(r["method"] for r in whole))
-    lines.append("| method | " + " | ".join(f"{k} tasks" for k in sizes) + " |")
-    lines.append("|---|" + "---|" * len(sizes))
+    if whole:
+        lines += ["## Mean retention by set size (tuned; mean over sets, worst task in brackets)\n",
+                  "| method | " + " | ".join(f"{k} tasks" for k in sizes) + " |", "|---|" + "---|" * len(sizes)]
     for m in methods:
         cells = []
         for k in sizes:

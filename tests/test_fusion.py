@@ -363,6 +363,7 @@ def test_the_long_tail_case_trains_the_tail_on_little_text_in_a_copy_of_the_zoo(
     assert all(r["tail"] == "python" for r in rows)
     table = out.with_suffix(".md").read_text()
     assert "## Long-tail case: tail" in table and "| python (tail) | others, mean |" in table
+    assert "long-tail case `python`: generator " in table and "## Mean retention by set size" not in table
     stamp = (out.parent / "tail_runs" / "tail.json").stat().st_mtime_ns
     fusion_bench.main(args)  # resumes: the copy and its generator are reused, the set read back
     assert (out.parent / "tail_runs" / "tail.json").stat().st_mtime_ns == stamp
