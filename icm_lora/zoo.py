@@ -202,13 +202,18 @@ class Zoo:
         return Normalizer.from_sums(self.layout, total, total_sq, count, scheme)
 
 
+COPIED_FROM = "copied_from.json"
+
+
 def copy_zoo(src: str | Path, dst: str | Path) -> None:
     """Start a zoo at ``dst`` as a copy of the one at ``src`` (every task's shard and the conditions,
     hard-linked where the filesystem allows), so a variant of a config retrains only what it changes.
     The metadata is written last: an interrupted copy is finished by the next call. Writes into the copy
-    replace its files (temp file + rename) and never touch ``src``'s. A zoo already at ``dst`` is kept."""
+    replace its files (temp file + rename) and never touch ``src``'s. A copy is kept while ``src`` is
+    unchanged, and made again (its variant retrained) once ``src`` is rebuilt."""
     src, dst = Path(src), Path(dst)
-    if (dst / METADATA).exists():
+    origin = {"metadata": files.file_hash(src / METADATA)}
+    if (dst / METADATA).exists() and (dst / COPIED_FROM).exists() and files.read_json(dst / COPIED_FROM) == origin:
         return
     meta = files.read_json(src / METADATA)
     names = [e["file"] for e in meta["tasks"].values()] + ([meta["conditions"]["file"]] if "conditions" in meta else [])
@@ -221,6 +226,7 @@ def copy_zoo(src: str | Path, dst: str | Path) -> None:
         except OSError:  # another filesystem, or no hard links
             shutil.copyfile(src / name, target)
     files.write_json(dst / METADATA, meta)
+    files.write_json(dst / COPIED_FROM, origin)
 
 
 def header(base_model: str, base_model_path: str, lora: LoRASpec, layout: FlatLayout) -> dict:

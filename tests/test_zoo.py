@@ -1,9 +1,11 @@
+import shutil
+
 import pytest
 import torch
 
 from conftest import BUDGET, LORA, TRAINING, build_zoo
-from icm_lora import files, zoo_build
-from icm_lora.zoo import Zoo
+from icm_lora import files, zoo, zoo_build
+from icm_lora.zoo import METADATA, Zoo
 
 
 def test_zoo_layout_checkpoints_and_metadata(tiny_zoo, task_specs):
@@ -190,3 +192,21 @@ def test_check_current_refuses_without_building(tiny_zoo, tmp_path, task_specs):
         check_current(root, "random:tiny-llama", replace(LORA, r=4), current, TRAINING)
     with pytest.raises(FileNotFoundError, match="no zoo here"):
         check_current(tmp_path / "nothing", "random:tiny-llama", LORA, current, TRAINING)
+
+
+def test_a_copied_zoo_is_written_apart_and_made_again_when_its_source_changes(tiny_zoo, tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "copy"
+    shutil.copytree(tiny_zoo, src)
+    zoo.copy_zoo(src, dst)
+    name = Zoo(src).task_names[0]
+    shard = Zoo(src).meta["tasks"][name]["file"]
+    assert (dst / shard).read_bytes() == (src / shard).read_bytes()
+    assert torch.equal(Zoo(dst).final(name), Zoo(src).final(name))
+    original = (src / shard).read_bytes()
+    files.save_tensors(dst / shard, {"checkpoints": torch.zeros(2, Zoo(src).layout.dim), "final": torch.zeros(Zoo(src).layout.dim)})
+    assert (src / shard).read_bytes() == original  # a write into the copy replaces its file, never the source's
+    zoo.copy_zoo(src, dst)  # the source is unchanged: the copy (and what was rebuilt in it) is kept
+    assert Zoo(dst).final(name).abs().sum() == 0
+    files.write_json(src / METADATA, files.read_json(src / METADATA) | {"note": "rebuilt"})
+    zoo.copy_zoo(src, dst)  # the source changed: copied again
+    assert torch.equal(Zoo(dst).final(name), Zoo(src).final(name))
