@@ -236,15 +236,16 @@ class ZooDataModule(L.LightningDataModule):
         path = self.zoo_dir / "metadata.json"
         meta = files.read_json(path) if path.exists() else {}
         names = [spec.name for spec in self.task_specs]
-        planned = hardware.resolve_precision(self.training.precision, self.device)
-        stale = mismatches(self.zoo_dir, self.sources(), self.training)
+        lora_planned = hardware.resolve_precision(self.training.precision, self.device)
+        lora_stale = mismatches(self.zoo_dir, self.sources(), self.training)
         entries = meta.get("tasks", {})
-        zoo = [planned if n in stale else entries[n].get("computed", {}).get("precision", planned) for n in names]
-        planned = hardware.resolve_precision(self.condition.precision, self.device)
-        stale = set(self._stale_conditions())
+        lora = [lora_planned if n in lora_stale else entries[n].get("computed", {}).get("precision", lora_planned)
+                for n in names]
+        vector_planned = hardware.resolve_precision(self.condition.precision, self.device)
+        vector_stale = set(self._stale_conditions())
         computed = meta.get("conditions", {}).get("computed", {})
-        vectors = [planned if n in stale or n not in computed else computed[n]["precision"] for n in names]
-        return {"LoRA zoo": _tally(zoo), "task vectors": _tally(vectors)}
+        vectors = [vector_planned if n in vector_stale or n not in computed else computed[n]["precision"] for n in names]
+        return {"LoRA zoo": _tally(lora), "task vectors": _tally(vectors)}
 
     def build(self) -> None:
         """Build what the zoo lacks: LoRAs (the ranks split the tasks), then conditions (rank 0)."""
