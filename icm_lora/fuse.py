@@ -36,10 +36,11 @@ from icm_lora.cli import ICMLoRACLI, Trainer
 from icm_lora.data import PredictInputError, ZooDataModule
 from icm_lora.evaluate import LiveAdapter
 from icm_lora.flat import FlatLayout
-from icm_lora.fusion import DemoLoss, FusionError, FusionSpec, LatentFusion
+from icm_lora.fusion import DemoLoss, FusionError, FusionSpec, LatentFusion, StackedLoss
 from icm_lora.hardware import resolve_precision
 from icm_lora.lorahub import LoraHubSpec, lorahub
-from icm_lora.merge import MergeError, MergeSpec, delta_weights, factorize, merge, merged_config, peft_merge, skeleton
+from icm_lora.merge import (MergeError, MergeSpec, delta_weights, factorize, merge, merged_config, peft_merge,
+                            skeleton, stacked)
 from icm_lora.semantic import FarDescription
 from icm_lora.system import ICMLoRA
 from icm_lora.tasks import load_task_file, slug
@@ -216,10 +217,13 @@ def run_lorahub(dm: ZooDataModule, items: list[str], spec: LoraHubSpec, live: Li
 
 
 def run_icm_fusion(dm: ZooDataModule, system: ICMLoRA, items: list[str], spec: FusionSpec,
-                   live: LiveAdapter | None = None, tokenizer=None) -> tuple[list[str], Tensor, dict]:
-    """Latent fusion: names, the (D,) fused LoRA in the zoo's layout, and what was done. ``optimize``
-    runs on ``live`` (a LiveAdapter of the zoo's structure, with its ``tokenizer``) when given, else on
-    a base model loaded here."""
+                   live: LiveAdapter | None = None, tokenizer=None, wide: LiveAdapter | None = None
+                   ) -> tuple[list[str], Tensor | dict[str, Tensor], dict]:
+    """Latent fusion: names, the fused adapter, and what was done. The adapter is a (D,) LoRA in the
+    zoo's layout (``decode: once``) or the per-module ΔW of the decoded LoRAs' weighted sum (``decode:
+    each``). ``optimize`` runs on ``live`` (a LiveAdapter of the zoo's structure, with its ``tokenizer``;
+    ``decode: each``: on ``wide``, of scaling 1 and rank >= T·r) when given, else on a base model loaded
+    here."""
     names, conditions, own, demos, model = [], [], [], [], None
     for item in items:
         kind = _kind(item, dm)
@@ -242,6 +246,8 @@ def run_icm_fusion(dm: ZooDataModule, system: ICMLoRA, items: list[str], spec: F
         demos.append(list(task.get("examples") or []))
     if spec.latent == "posterior" and any(o is None for o in own):
         raise FusionError("fusion.latent posterior encodes each task's own LoRA, so zoo tasks only")
+    if spec.anchor == "own" and any(o is None for o in own):
+        raise FusionError("fusion.anchor own moves each task's own LoRA, so zoo tasks only")
     fusion = LatentFusion(system.cvae, dm.normalizer)
     points = fusion.points(torch.stack(conditions), None if spec.latent == "prior" else torch.stack(own), spec.latent)
     loss = None
@@ -250,15 +256,31 @@ def run_icm_fusion(dm: ZooDataModule, system: ICMLoRA, items: list[str], spec: F
         if empty:
             raise FusionError(f"fusion.rule optimize fits the fused point on each task's demonstrations; "
                               f"{empty} have none (a task file needs 'examples')")
-        if live is None:
-            if model is None:
-                model, tokenizer = base.load(dm.base_model, dm.cache_dir)
-            live = LiveAdapter(model.to(system.device), dm.lora.peft_config(), dm.layout)
-        loss = DemoLoss(live.model, tokenizer, dm.layout, demos, spec.demo_tokens, spec.block_size,
-                        resolve_precision(spec.precision, live.device), own=own)
+        if spec.decode == "each":
+            if wide is None:
+                wide, tokenizer = wide_live(dm, len(names) * dm.lora.r)
+            one = torch.ones(1)
+            demo = DemoLoss(wide.model, tokenizer, wide.layout, demos, spec.demo_tokens, spec.block_size,
+                            resolve_precision(spec.precision, wide.device),
+                            own=[stacked([o], dm.layout, dm.lora, one, wide.layout) if o is not None else None
+                                 for o in own])
+            loss = StackedLoss(demo, dm.layout, dm.lora, wide.layout)
+        else:
+            if live is None:
+                if model is None:
+                    model, tokenizer = base.load(dm.base_model, dm.cache_dir)
+                live = LiveAdapter(model.to(system.device), dm.lora.peft_config(), dm.layout)
+            loss = DemoLoss(live.model, tokenizer, dm.layout, demos, spec.demo_tokens, spec.block_size,
+                            resolve_precision(spec.precision, live.device), own=own)
     torch.manual_seed(spec.seed)
+    record = {"method": "icm_fusion", "fusion": asdict(spec)}
+    if spec.decode == "each":
+        flats, weights, info = fusion.fuse_each(points, spec, loss, torch.stack(own) if spec.anchor == "own" else None)
+        deltas = merge([delta_weights(f.detach().float().cpu(), dm.layout, dm.lora) for f in flats],
+                       weights.detach(), MergeSpec())
+        return names, deltas, record | info
     flat, info = fusion.fuse(points, spec, loss)
-    return names, flat.detach().float().cpu(), {"method": "icm_fusion", "fusion": asdict(spec)} | info
+    return names, flat.detach().float().cpu(), record | info
 
 
 def write_fused(dm: ZooDataModule, folder: Path, names: list[str], result: Tensor | dict[str, Tensor],

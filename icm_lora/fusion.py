@@ -20,6 +20,19 @@ a LoRA of the zoo's structure:
 
 ``scale`` multiplies the combined (z, c) before decoding (the latent counterpart of task
 arithmetic's lambda; a mean of T roughly orthogonal conditions is shorter than any of them).
+
+With ``decode: once`` (the default) the fused point is decoded into one LoRA of the zoo's rank r, the
+generator's own structure. That caps the fused update at rank r, while the sum of T tasks' updates
+needs up to T·r. ``decode: each`` keeps the latent adjustment and lifts the cap: each task keeps its
+own point, adjusted in latent space (``pcgrad``: projected off the points it conflicts with;
+``optimize``: all T points, and each task's weight, fitted jointly on the demonstrations through the
+decoder), each point is decoded, and the fused update is ``scale`` Σ w_t ΔW_t of the decoded LoRAs, an
+adapter of rank T·r. ``mean`` leaves the points as they are (the weighted mean of the decoded
+updates: task arithmetic on the generator's LoRAs); ``ties`` has no per-task points and is refused.
+``anchor: own`` (zoo tasks) takes the decoder's reconstruction error out: each task's LoRA is its own
+LoRA plus what moving its point changes in the decoded LoRA, own + decode(adjusted) - decode(start),
+so the unadjusted fusion is exactly task arithmetic of the own LoRAs and the latent adjustment is the
+only thing the generator adds.
 """
 
 from __future__ import annotations
@@ -33,11 +46,14 @@ from torch.func import functional_call
 
 from icm_lora.evaluate import autocast
 from icm_lora.flat import FlatLayout
-from icm_lora.merge import ties
+from icm_lora.merge import stacked, ties
 from icm_lora.prefix import FrozenPrefix
+from icm_lora.zoo import LoRASpec
 
 RULES = ("mean", "ties", "pcgrad", "optimize")
 LATENTS = ("prior", "posterior")
+DECODES = ("once", "each")
+ANCHORS = ("decoded", "own")
 
 
 class FusionError(ValueError):
@@ -50,12 +66,16 @@ class FusionSpec:
 
     Args:
         rule: ``mean``, ``ties``, ``pcgrad`` or ``optimize`` (see the module's docstring).
+        decode: ``once`` (the fused point decoded into one rank-r LoRA) or ``each`` (each task's
+            adjusted point decoded, the updates summed: rank T·r; see the module's docstring).
+        anchor: ``decode: each``: ``decoded`` (each task's LoRA is the decoded one) or ``own`` (its own
+            LoRA plus the change the latent adjustment makes to the decoded one; zoo tasks only).
         latent: ``prior`` (z_t = 0: fusing one task is generating it) or ``posterior`` (z_t from the
             task's own LoRA; zoo tasks only).
         weights: per task, in the order given (None: equal); normalised to sum to 1.
-        scale: factor on the fused (z, c) before decoding.
+        scale: factor on the fused (z, c) before decoding (``decode: each``: on the summed update).
         density: ``ties``: share of each task's coordinates kept.
-        steps: ``optimize``: Adam steps on (z, c).
+        steps: ``optimize``: Adam steps on (z, c) (``decode: each``: on every task's and its weight).
         lr: ``optimize``: Adam learning rate.
         demo_tokens: ``optimize``: tokens of each task's demonstrations used (from the start).
         block_size: ``optimize``: tokens per block.
@@ -66,6 +86,8 @@ class FusionSpec:
     """
 
     rule: str = "mean"
+    decode: str = "once"
+    anchor: str = "decoded"
     latent: str = "prior"
     weights: list[float] | None = None
     scale: float = 1.0
@@ -81,6 +103,15 @@ class FusionSpec:
     def __post_init__(self) -> None:
         if self.rule not in RULES:
             raise FusionError(f"fusion.rule must be one of {RULES}, got {self.rule!r}")
+        if self.decode not in DECODES:
+            raise FusionError(f"fusion.decode must be one of {DECODES}, got {self.decode!r}")
+        if self.decode == "each" and self.rule == "ties":
+            raise FusionError("fusion.decode each keeps one point per task; latent TIES merges them into one "
+                              "(use decode once, or rule mean, pcgrad or optimize)")
+        if self.anchor not in ANCHORS:
+            raise FusionError(f"fusion.anchor must be one of {ANCHORS}, got {self.anchor!r}")
+        if self.anchor == "own" and self.decode != "each":
+            raise FusionError("fusion.anchor own moves each task's own LoRA: it needs decode each")
         if self.latent not in LATENTS:
             raise FusionError(f"fusion.latent must be one of {LATENTS}, got {self.latent!r}")
         if not 0 < self.density <= 1 or self.steps < 0 or self.focus < 0 or self.demo_tokens < 2:
@@ -107,14 +138,19 @@ def combine(points: Tensor, weights: Tensor, rule: str, density: float = 0.5) ->
         with torch.no_grad():
             return ties(list(points), weights * len(points), density)
     if rule == "pcgrad":
-        projected = points.clone()
-        for i in range(len(points)):
-            for j in range(len(points)):
-                dot = projected[i] @ points[j]
-                if j != i and dot < 0:
-                    projected[i] -= dot / points[j].pow(2).sum().clamp_min(1e-20) * points[j]
-        return weights @ projected
+        return weights @ pcgrad(points)
     raise FusionError(f"combine has no rule {rule!r} (optimize starts from mean)")
+
+
+def pcgrad(points: Tensor) -> Tensor:
+    """(T, K) -> (T, K): each point loses its component along every other point it points against."""
+    projected = points.clone()
+    for i in range(len(points)):
+        for j in range(len(points)):
+            dot = projected[i] @ points[j]
+            if j != i and dot < 0:
+                projected[i] -= dot / points[j].pow(2).sum().clamp_min(1e-20) * points[j]
+    return projected
 
 
 class DemoLoss:
@@ -209,6 +245,24 @@ class DemoLoss:
         return torch.where(self.judged, lag, nll / self.base)
 
 
+class StackedLoss:
+    """``DemoLoss`` of the weighted sum of T LoRAs of the zoo's layout, run as one wider LoRA (``stacked``).
+
+    Args:
+        demo: the DemoLoss, on a live adapter of scaling 1 and rank >= T·r (its layout ``wide``).
+        layout: the zoo's flat layout.
+        lora: the zoo's LoRA settings (their scaling is applied once, in ``stacked``).
+        wide: the live adapter's flat layout.
+    """
+
+    def __init__(self, demo: DemoLoss, layout: FlatLayout, lora: LoRASpec, wide: FlatLayout) -> None:
+        self.demo, self.layout, self.lora, self.wide = demo, layout, lora, wide
+
+    def __call__(self, flats: Tensor, weights: Tensor) -> Tensor:
+        """(T, D) LoRAs and (T,) weights (with grad) -> (T,) each task's lag on its demonstrations."""
+        return self.demo(stacked(list(flats), self.layout, self.lora, weights, self.wide))
+
+
 class _Loss(nn.Module):
     """``model``'s causal LM loss on a block, from the cached frozen prefix when there is one."""
 
@@ -258,8 +312,54 @@ class LatentFusion:
 
     def decode(self, point: Tensor) -> Tensor:
         """(latent + C,) -> (D,) un-normalised flat LoRA (differentiable)."""
-        z, c = point[: self.cvae.latent_dim], point[self.cvae.latent_dim :]
-        return self.normalizer.denormalize(self.cvae.decode(z[None], c[None])[0])
+        return self.decode_all(point[None])[0]
+
+    def decode_all(self, points: Tensor) -> Tensor:
+        """(T, latent + C) -> (T, D) un-normalised flat LoRAs (differentiable)."""
+        z, c = points[:, : self.cvae.latent_dim], points[:, self.cvae.latent_dim :]
+        return self.normalizer.denormalize(self.cvae.decode(z, c))
+
+    def fuse_each(self, points: Tensor, spec: FusionSpec, loss: StackedLoss | None = None,
+                  own: Tensor | None = None) -> tuple[Tensor, Tensor, dict]:
+        """``decode: each``: (T, K) points (and, for ``anchor: own``, the (T, D) own LoRAs) -> (T, D) the
+        tasks' LoRAs, (T,) the weights their updates are summed with (``scale`` included), and what was
+        done (for ``optimize``: the demonstration objective at the start and at the best step)."""
+        weights = spec.normalized_weights(len(points))
+        start = pcgrad(points) if spec.rule == "pcgrad" else points
+        info: dict = {"decode": "each", "anchor": spec.anchor}
+        if spec.anchor == "own":
+            if own is None:
+                raise FusionError("fusion.anchor own needs every task's own LoRA: zoo tasks only")
+            with torch.no_grad():
+                offset = own.float() - self.decode_all(points)  # (T, D): own LoRA - decoded, at the tasks' points
+        else:
+            offset = torch.zeros(())
+        if spec.rule != "optimize" or spec.steps == 0:
+            info["weights"] = (weights * spec.scale).tolist()
+            with torch.no_grad():
+                return self.decode_all(start) + offset, weights * spec.scale, info
+        if loss is None:
+            raise FusionError("fusion.rule optimize needs the tasks' demonstrations")
+        point = start.clone().requires_grad_(True)
+        log_gain = torch.zeros(len(points), requires_grad=True)  # each task's weight, relative to its start
+        opt = torch.optim.Adam([point, log_gain], lr=spec.lr)
+        best, history = (float("inf"), start.clone(), torch.zeros(len(points))), []
+        for _ in range(spec.steps + 1):
+            lag = loss(self.decode_all(point) + offset, weights * spec.scale * log_gain.exp())  # (T,)
+            value = objective(lag, weights, spec.focus)
+            history.append(value.item())
+            if value.item() < best[0]:
+                best = (value.item(), point.detach().clone(), log_gain.detach().clone())
+            if len(history) > spec.steps:
+                break
+            opt.zero_grad()
+            value.backward()
+            opt.step()
+        fitted = weights * spec.scale * best[2].exp()
+        info |= {"weights": fitted.tolist(), "demo_objective_start": history[0], "demo_objective_best": best[0],
+                 "steps": spec.steps}
+        with torch.no_grad():
+            return self.decode_all(best[1]) + offset, fitted, info
 
     def fuse(self, points: Tensor, spec: FusionSpec, loss: DemoLoss | None = None) -> tuple[Tensor, dict]:
         """(T, K) points -> (D,) fused LoRA and what was done (the weights; for ``optimize``, the demonstration

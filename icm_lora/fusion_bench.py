@@ -25,8 +25,9 @@ retention is the set's summed gain over its own LoRAs' summed gain, which stays 
 task's own LoRA gains little on a short text. Every method's settings are chosen by pooled
 retention on the tasks' validation text (the first setting of a grid is the method's default; each
 grid is the same size for every method, ICM-Fusion's included), and reported on their test text, at
-its defaults and tuned. Without ICM-Fusion rows no generator is needed. Sets resume: a finished set's rows are kept in
-``<output>_runs/<set>.json``. Writes ``<output>.md`` and ``<output>.csv``.
+its defaults and tuned. Without ICM-Fusion rows no generator is needed. Sets resume method by
+method: each method's rows are kept in ``<output>_runs/<set>.json`` under its grid, so a method added
+or changed in the config is the only one scored again. Writes ``<output>.md`` and ``<output>.csv``.
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ from icm_lora.system import ICMLoRA
 from icm_lora.tasks import Task, slug
 from icm_lora.zoo import LoRASpec, Zoo, copy_zoo, lora_layout
 from icm_lora.zoo_build import build
+
+
+LORAHUB = "LoraHub (weights fitted on demonstrations)"
 
 
 def resolve_scale(value: Any, size: int) -> float:
@@ -131,8 +135,8 @@ class Bench:
         key = generator_key(cfg)
         forget_other_settings(folder, key)
         done = folder / "done.json"
-        if done.exists():
-            return files.read_json(done)["best"]
+        if done.exists() and Path(files.read_json(done)["best"]).exists():
+            return files.read_json(done)["best"]  # else its checkpoint was removed: fit again
         self.cli.config = cfg
         self.cli.__dict__.pop("config_dump", None)
         L.seed_everything(int(cfg.seed_everything or 0))
@@ -222,7 +226,7 @@ class Bench:
     def fused(self, names: list[str], settings: dict) -> Tensor:
         spec = FusionSpec(**{k: v for k, v in settings.items() if k != "scale"},
                           scale=resolve_scale(settings.get("scale", 1.0), len(names)))
-        return run_icm_fusion(self.dm, self.system, names, spec, self.zoo_live, self.tokenizer)[1]
+        return run_icm_fusion(self.dm, self.system, names, spec, self.zoo_live, self.tokenizer, self.live)[1]
 
     def merged(self, names: list[str], method: str, settings: dict) -> dict[str, Tensor]:
         spec = MergeSpec(method=method, **{k: v for k, v in settings.items() if k != "scale"},
@@ -249,19 +253,32 @@ class Bench:
         return Zoo(root).final(task.name)
 
     # ---- one set -----------------------------------------------------------------------------------
-    def run_set(self, s: FusionSet) -> list[dict]:
+    def candidates(self, names: list[str]) -> list[tuple[str, str, list[dict], Any]]:
+        """(label, family, grid of settings, settings -> adapter) of every method the config lists."""
+        out: list[tuple[str, str, list[dict], Any]] = []
+        for label, grid in self.spec.fusions.items():
+            out.append((label, "ICM-Fusion", grid, lambda st, n=names: self.fused(n, st)))
+        for method, grid in self.spec.merges.items():
+            out.append((method, "merge", grid, lambda st, m=method, n=names: self.merged(n, m, st)))
+        if self.spec.lorahub:
+            out.append((LORAHUB, "merge", self.spec.lorahub, lambda st, n=names: self.lorahubbed(n, st)))
+        return out
+
+    def run_set(self, s: FusionSet, saved: dict | None = None, save=lambda saved: None) -> list[dict]:
+        """The set's rows. ``saved`` holds rows already scored: each method's under its grid (kept while
+        the grid is unchanged) and the references (kept while the union LoRA's settings are); ``save`` is
+        called after each method, so an
+        interrupted set resumes at the method it stopped in, and a method added to the config is the
+        only one scored."""
+        saved = saved if saved is not None else {}
+        methods = saved.setdefault("methods", {})
         names = self.members(s)
         reference = self.reference(names)
-        candidates: list[tuple[str, str, list[dict], Any]] = []
-        for label, grid in self.spec.fusions.items():
-            candidates.append((label, "ICM-Fusion", grid, lambda st, n=names: self.fused(n, st)))
-        for method, grid in self.spec.merges.items():
-            candidates.append((method, "merge", grid, lambda st, m=method, n=names: self.merged(n, m, st)))
-        if self.spec.lorahub:
-            candidates.append(("LoraHub (weights fitted on demonstrations)", "merge", self.spec.lorahub,
-                               lambda st, n=names: self.lorahubbed(n, st)))
         rows = []
-        for label, family, grid, make in candidates:
+        for label, family, grid, make in self.candidates(names):
+            if methods.get(label, {}).get("grid") == grid:
+                rows += methods[label]["rows"]
+                continue
             start = time.time()
             adapters = [make(st) for st in grid or [{}]]  # each setting's adapter, made once for val and test
             val = [self.evaluate(a, names, "val", reference) for a in adapters]
@@ -269,11 +286,22 @@ class Bench:
             best = max(range(len(val)), key=lambda i: means[i])
             chosen = {"defaults": 0, "tuned": best}
             tests = {i: self.evaluate(adapters[i], names, "test", reference) for i in set(chosen.values())}
-            for which, i in chosen.items():
-                rows.append(self.row(s, names, label, family, which, (grid or [{}])[i], tests[i], means[i],
-                                     time.time() - start))
+            mine = [self.row(s, names, label, family, which, (grid or [{}])[i], tests[i], means[i], time.time() - start)
+                    for which, i in chosen.items()]
             print(f"  {label}: validation pooled retention {', '.join(f'{m:.3f}' for m in means)}; test "
-                  f"{rows[-1]['mean_retention']:.3f} (tuned) ({time.time() - start:.0f} s)", flush=True)
+                  f"{mine[-1]['mean_retention']:.3f} (tuned) ({time.time() - start:.0f} s)", flush=True)
+            methods[label] = {"grid": grid, "rows": mine}
+            save(saved)
+            rows += mine
+        union = {"union_steps": self.spec.union_steps, "union_max_steps": self.spec.union_max_steps}
+        if "references" not in saved or saved.get("union") != union:
+            saved["references"], saved["union"] = self.references(s, names, reference), union
+            save(saved)
+        return rows + saved["references"]
+
+    def references(self, s: FusionSet, names: list[str], reference: dict) -> list[dict]:
+        """The union LoRA's row (when ``union_steps``), each task's own LoRA's, and the base model's."""
+        rows = []
         if self.spec.union_steps:
             start = time.time()
             flat = self.union(s, names)
@@ -311,18 +339,15 @@ class Bench:
             path = self.runs / f"{slug(s.name)}.json"
             names = self.members(s)
             bench = self.tail_bench(s.tail) if s.tail else self
-            key = {"tasks": names, "fusions": self.spec.fusions, "merges": self.spec.merges,
-                   "union_steps": self.spec.union_steps, "union_max_steps": self.spec.union_max_steps, "selection": "pooled",
-                   "checkpoint": str(bench.ckpt_path)} | ({"lorahub": self.spec.lorahub} if self.spec.lorahub else {})
+            key = {"tasks": names, "selection": "pooled", "checkpoint": str(bench.ckpt_path)}
             if s.tail:
                 key |= {"tail": s.tail, "tail_share": self.spec.tail_share, "ceiling": self.contents(names)}
             key["contents"] = bench.contents(names)
-            done = files.read_json(path) if path.exists() else {}
-            if done.get("key") != key:
-                print(f"fusion set {s.name} ({len(names)} tasks{f', tail {s.tail}' if s.tail else ''}) ...", flush=True)
-                done = {"key": key, "rows": bench.run_set(s)}
-                files.write_json(path, done)
-            rows += done["rows"]
+            saved = upgrade(files.read_json(path)) if path.exists() else {}
+            if saved.get("key") != key:
+                saved = {"key": key}
+            print(f"fusion set {s.name} ({len(names)} tasks{f', tail {s.tail}' if s.tail else ''}) ...", flush=True)
+            rows += bench.run_set(s, saved, lambda done, p=path: files.write_json(p, done))
             self.write(rows)
         return rows
 
@@ -347,6 +372,20 @@ class Bench:
         tails = "".join(f"; long-tail case `{t}`: generator {b.ckpt_path or 'none'}" for t, b in self._tails.items())
         return (f"Hardware: {hardware.describe(self.dm.device)}, scoring {self.precision}; generator "
                 f"{self.ckpt_path or ('none' if tails else 'none (no ICM-Fusion rows)')}{tails}")
+
+
+def upgrade(saved: dict) -> dict:
+    """A set's saved rows in the format of before each method was kept apart (one key over every grid,
+    one list of rows) -> the current one, so a grid that is unchanged is not scored again."""
+    if "rows" not in saved:
+        return saved
+    key = dict(saved["key"])
+    grids = key.pop("fusions", {}) | key.pop("merges", {}) | ({LORAHUB: key.pop("lorahub")} if "lorahub" in key else {})
+    union = {k: key.pop(k, None) for k in ("union_steps", "union_max_steps")}
+    methods = {label: {"grid": grid, "rows": [r for r in saved["rows"] if r["method"] == label]}
+               for label, grid in grids.items()}
+    return {"key": key, "methods": methods, "references": [r for r in saved["rows"] if r["family"] == "reference"],
+            "union": union}
 
 
 def format_tables(rows: list[dict], header: str) -> tuple[str, str]:

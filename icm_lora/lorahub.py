@@ -29,7 +29,7 @@ from icm_lora.evaluate import LiveAdapter
 from icm_lora.flat import FlatLayout
 from icm_lora.fusion import DemoLoss, FusionError
 from icm_lora.hardware import resolve_precision
-from icm_lora.merge import A_SUFFIX, B_SUFFIX, module_names, pad_into, scaling
+from icm_lora.merge import stacked
 from icm_lora.zoo import LoRASpec
 
 LOSSES = ("nll", "lag")
@@ -66,21 +66,6 @@ class LoraHubSpec:
         if self.budget < 1 or self.bound <= 0 or abs(self.init) > self.bound or self.l1 < 0 or self.demo_tokens < 2:
             raise FusionError(f"need budget >= 1, bound > 0, |init| <= bound, l1 >= 0 and demo_tokens >= 2, got "
                               f"{self.budget}, {self.bound}, {self.init}, {self.l1}, {self.demo_tokens}")
-
-
-def stacked(flats: list[Tensor], layout: FlatLayout, lora: LoRASpec, weights: Tensor, into: FlatLayout) -> Tensor:
-    """T (D,) LoRAs of ``layout`` and (T,) weights -> one flat LoRA of ``into`` (scaling 1, rank R >= T·r)
-    whose update is exactly Σ w_i s·B_i A_i: A = [A_1; ...; A_T; 0], B = [w_1 s B_1, ..., w_T s B_T, 0]."""
-    s, states = scaling(lora), [layout.unflatten(f.float()) for f in flats]
-    shapes = {seg.name: seg.shape for seg in into.segments}
-    out = {}
-    for m in module_names(layout):
-        A = torch.cat([st[m + A_SUFFIX] for st in states])  # (T·r, in)
-        B = torch.cat([w * s * st[m + B_SUFFIX] for w, st in zip(weights.float(), states)], dim=1)  # (out, T·r)
-        if m + A_SUFFIX not in shapes or shapes[m + A_SUFFIX][0] < A.shape[0]:
-            raise FusionError(f"the live adapter has no module {m!r} of rank >= {A.shape[0]}")
-        out[m + A_SUFFIX], out[m + B_SUFFIX] = A, B
-    return pad_into(out, into)
 
 
 class _Spent(Exception):

@@ -136,13 +136,29 @@ def factorize(deltas: dict[str, Tensor], rank: int | None = None) -> tuple[dict[
 def pad_into(state: dict[str, Tensor], into: FlatLayout) -> Tensor:
     """A LoRA state dict of rank k -> the flat vector of ``into`` (rank R >= k), zeros in the extra
     rows of A and columns of B, so the update B·A is unchanged."""
-    out = {}
-    for seg in into.segments:
-        t = torch.zeros(seg.shape)
-        part = state[seg.name]
+    parts = []
+    for seg in into.segments:  # built here rather than by into.flatten, which detaches: gradients pass
+        part = state[seg.name].float()
+        t = torch.zeros(seg.shape, dtype=part.dtype, device=part.device)
         t[: part.shape[0], : part.shape[1]] = part
-        out[seg.name] = t
-    return into.flatten(out)
+        parts.append(t.reshape(-1))
+    return torch.cat(parts).cpu()
+
+
+def stacked(flats: list[Tensor], layout: FlatLayout, lora: LoRASpec, weights: Tensor, into: FlatLayout) -> Tensor:
+    """T (D,) LoRAs of ``layout`` and (T,) weights -> one flat LoRA of ``into`` (scaling 1, rank R >= T·r)
+    whose update is exactly Σ w_i s·B_i A_i: A = [A_1; ...; A_T; 0], B = [w_1 s B_1, ..., w_T s B_T, 0].
+    Differentiable in the LoRAs and the weights."""
+    s, states = scaling(lora), [layout.unflatten(f.float()) for f in flats]
+    shapes = {seg.name: seg.shape for seg in into.segments}
+    out = {}
+    for m in module_names(layout):
+        A = torch.cat([st[m + A_SUFFIX] for st in states])  # (T·r, in)
+        B = torch.cat([w * s * st[m + B_SUFFIX] for w, st in zip(weights.float(), states)], dim=1)  # (out, T·r)
+        if m + A_SUFFIX not in shapes or shapes[m + A_SUFFIX][0] < A.shape[0]:
+            raise MergeError(f"the live adapter has no module {m!r} of rank >= {A.shape[0]}")
+        out[m + A_SUFFIX], out[m + B_SUFFIX] = A, B
+    return pad_into(out, into)
 
 
 def merged_config(spec: LoRASpec, rank: int) -> LoraConfig:

@@ -52,6 +52,14 @@ def test_fusion_settings_are_checked():
     with pytest.raises(FusionError, match="non-negative"):
         FusionSpec(weights=[1.0, -1.0]).normalized_weights(2)
     assert FusionSpec(weights=[1.0, 3.0]).normalized_weights(2).tolist() == [0.25, 0.75]
+    with pytest.raises(FusionError, match="fusion.decode must be one of"):
+        FusionSpec(decode="twice")
+    with pytest.raises(FusionError, match="latent TIES merges them into one"):
+        FusionSpec(rule="ties", decode="each")
+    with pytest.raises(FusionError, match="fusion.anchor must be one of"):
+        FusionSpec(decode="each", anchor="zoo")
+    with pytest.raises(FusionError, match="it needs decode each"):
+        FusionSpec(anchor="own")
 
 
 def test_fuse_through_the_cli_writes_a_folder_plain_peft_loads(tiny_run, monkeypatch):
@@ -84,6 +92,55 @@ def test_fusing_one_task_is_generating_it(tiny_run, monkeypatch):
     assert set(files.load_tensors(fused / WEIGHTS)) == set(generated)
     for name, tensor in files.load_tensors(fused / WEIGHTS).items():
         assert torch.allclose(tensor, generated[name], atol=1e-6), name
+
+
+def delta(state: dict, scale: float) -> dict:
+    """Per module, scale·B·A of a PEFT state dict."""
+    return {k.removesuffix(".lora_A.weight"): scale * state[k.replace("lora_A", "lora_B")] @ state[k]
+            for k in state if k.endswith("lora_A.weight")}
+
+
+def test_decoding_each_task_sums_the_generated_updates(tiny_run, monkeypatch):
+    """decode each: one task at weight 1 is generating it; two tasks give the weighted sum of their
+    generated updates, as one adapter of twice the rank that plain PEFT loads."""
+    monkeypatch.chdir(tiny_run)
+    ckpt, _ = run_paths(tiny_run)
+    zoo = ["--data.zoo_dir", str(tiny_run / "zoo")]
+    made = {}
+    for names in (["legal"], ["python"], ["legal", "python"]):
+        folder = fuse_adapters(TINY, names, ckpt, output_dir=tiny_run / "each", name="+".join(names),
+                               overrides=[*zoo, "--fusion.decode", "each",
+                                          "--fusion.weights", "[1, 3]" if len(names) == 2 else "[1]"])
+        made[tuple(names)] = (files.read_json(folder / GENERATION), files.load_tensors(folder / WEIGHTS), folder)
+    generated = {}
+    for name in ("legal", "python"):
+        main(["predict", "--config", str(TINY), *zoo, "--trainer.logger", "false", "--ckpt_path", str(ckpt),
+              "--num_samples", "0", "--data.predict_tasks", f"[{name}]", "--writer.output_dir", str(tiny_run / "each_predicted")])
+        generated[name] = delta(files.load_tensors(tiny_run / "each_predicted" / name / "sample_00" / WEIGHTS), 4 / 2)
+    for name in ("legal", "python"):  # one task: its generated update, written with scaling 1
+        got = delta(made[(name,)][1], 1.0)
+        assert all(torch.allclose(got[m], generated[name][m], atol=1e-5) for m in got)
+    record, tensors, folder = made[("legal", "python")]
+    assert record["decode"] == "each" and record["weights"] == [0.25, 0.75] and record["rank"] == 4  # 2 tasks x r = 2
+    got = delta(tensors, 1.0)
+    for m in got:
+        assert torch.allclose(got[m], 0.25 * generated["legal"][m] + 0.75 * generated["python"][m], atol=1e-5)
+    config = files.read_json(folder / "adapter_config.json")
+    base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"]).eval()
+    with torch.no_grad():
+        PeftModel.from_pretrained(base, folder)(input_ids=torch.tensor([[10, 20, 30]]))
+    # anchored at the own LoRAs, the unadjusted fusion is task arithmetic of the own LoRAs, whatever the latent
+    from icm_lora.zoo import Zoo
+
+    zoo_lora = Zoo(tiny_run / "zoo")
+    own = {n: delta(zoo_lora.layout.unflatten(zoo_lora.final(n)), 4 / 2) for n in ("legal", "python")}
+    for latent in ("prior", "posterior"):
+        anchored = fuse_adapters(TINY, ["legal", "python"], ckpt, output_dir=tiny_run / "each", name=f"own-{latent}",
+                                 overrides=[*zoo, "--fusion.decode", "each", "--fusion.anchor", "own",
+                                            "--fusion.latent", latent, "--fusion.weights", "[1, 3]"])
+        got = delta(files.load_tensors(anchored / WEIGHTS), 1.0)
+        for m in got:
+            assert torch.allclose(got[m], 0.25 * own["legal"][m] + 0.75 * own["python"][m], atol=1e-5)
 
 
 def test_merging_one_zoo_task_gives_back_its_own_lora(tiny_run, monkeypatch):
@@ -127,6 +184,8 @@ def test_fuse_refuses_bad_input_in_one_line_and_writes_nothing(tiny_run, monkeyp
         (["--tasks", "[legal, python]"], "needs --ckpt_path"),
         (["--ckpt_path", str(ckpt), "--tasks", f"[legal, {task_file}]", "--fusion.latent", "posterior"],
          "zoo tasks only"),
+        (["--ckpt_path", str(ckpt), "--tasks", f"[legal, {task_file}]", "--fusion.decode", "each",
+          "--fusion.anchor", "own"], "zoo tasks only"),
         (["--method", "merge", "--tasks", f"[legal, {other_rank}]"], "the zoo's layout expects"),
         (["--method", "merge", "--tasks", f"[legal, {task_file}]"], "a task file has none"),
         (["--ckpt_path", str(ckpt), "--tasks", f"[legal, {other_rank}]"], "adapter folders go with --method merge"),
@@ -148,6 +207,19 @@ def test_optimize_fits_the_fused_point_on_the_demonstrations(tiny_run, monkeypat
                                       "--fusion.steps", "8", "--fusion.lr", "0.5", "--fusion.precision", "fp32"])
     record = files.read_json(folder / GENERATION)
     assert record["demo_objective_best"] < record["demo_objective_start"]  # the steps found a better point
+    each = fuse_adapters(TINY, ["legal", "python"], ckpt, output_dir=tiny_run / "optimised", name="each",
+                         overrides=["--data.zoo_dir", str(tiny_run / "zoo"), "--fusion.rule", "optimize",
+                                    "--fusion.decode", "each", "--fusion.steps", "8", "--fusion.lr", "0.5",
+                                    "--fusion.precision", "fp32"])
+    record = files.read_json(each / GENERATION)
+    assert record["demo_objective_best"] < record["demo_objective_start"]  # gradients reach every task's point
+    assert record["rank"] == 4 and len(record["weights"]) == 2 and record["weights"] != [0.5, 0.5]  # weights fitted too
+    anchored = fuse_adapters(TINY, ["legal", "python"], ckpt, output_dir=tiny_run / "optimised", name="anchored",
+                             overrides=["--data.zoo_dir", str(tiny_run / "zoo"), "--fusion.rule", "optimize",
+                                        "--fusion.decode", "each", "--fusion.anchor", "own", "--fusion.steps", "8",
+                                        "--fusion.lr", "0.5", "--fusion.precision", "fp32"])
+    record = files.read_json(anchored / GENERATION)
+    assert record["anchor"] == "own" and record["demo_objective_best"] < record["demo_objective_start"]
 
 
 def test_demo_loss_swaps_the_lora_in_exactly(tiny_base):
@@ -224,11 +296,37 @@ def test_fusion_bench_on_the_tiny_zoo(tiny_run, monkeypatch):
     assert (out.parent / "fusion_runs" / "pair.json").stat().st_mtime_ns == stamp
     assert [r["mean_retention"] for r in again] == [r["mean_retention"] for r in rows]
     assert all(math.isfinite(r["mean_retention"]) for r in rows)
+    def unexpected(*args, **kwargs):
+        raise AssertionError("a method whose grid is unchanged was scored again")
+
+    added = [a if not a.startswith('{"ICM-Fusion') else a[:-1] + ', "ICM-Fusion (each)": [{rule: mean, decode: each}]}'
+             for a in args]
+    with monkeypatch.context() as m:  # a method added to the config is the only one scored
+        m.setattr(fusion_bench.Bench, "merged", unexpected)
+        m.setattr(fusion_bench.Bench, "lorahubbed", unexpected)
+        m.setattr(fusion_bench.Bench, "union", unexpected)
+        grown = fusion_bench.main(added)
+    kept = [r for r in grown if r["method"] != "ICM-Fusion (each)"]
+    assert [r["mean_retention"] for r in kept] == [r["mean_retention"] for r in rows]
+    assert sum(r["method"] == "ICM-Fusion (each)" for r in grown) == 4  # defaults and tuned, in both sets
     saved = torch.load(ckpt, weights_only=False)
     saved["note"] = "another generator at the same path"  # e.g. a fresh clone's, trained where the last one was
     torch.save(saved, ckpt)
     fusion_bench.main(args)
     assert (out.parent / "fusion_runs" / "pair.json").stat().st_mtime_ns != stamp  # scored again, not read back
+
+
+def test_saved_sets_of_the_older_format_keep_their_methods_rows():
+    old = {"key": {"tasks": ["a", "b"], "fusions": {"F": [{"rule": "mean"}]}, "merges": {"ta": [{}]},
+                   "lorahub": [{"budget": 3}], "checkpoint": "c", "union_steps": 2, "union_max_steps": 8},
+           "rows": [{"method": "F", "family": "ICM-Fusion"}, {"method": "ta", "family": "merge"},
+                    {"method": fusion_bench.LORAHUB, "family": "merge"}, {"method": "base model", "family": "reference"}]}
+    new = fusion_bench.upgrade(old)
+    assert new["key"] == {"tasks": ["a", "b"], "checkpoint": "c"}
+    assert new["methods"]["F"] == {"grid": [{"rule": "mean"}], "rows": [old["rows"][0]]}
+    assert new["methods"][fusion_bench.LORAHUB]["grid"] == [{"budget": 3}]
+    assert new["references"] == [old["rows"][3]] and new["union"] == {"union_steps": 2, "union_max_steps": 8}
+    assert fusion_bench.upgrade(new) == new
 
 
 @pytest.mark.parametrize("fusion, source", [("fusion.yaml", "openworld.yaml"), ("fusion_domains.yaml", "domains.yaml")])
@@ -271,8 +369,7 @@ def test_lorahub_search_finds_a_bounded_optimum_within_its_budget():
 
 def test_lorahub_stacked_lora_is_exactly_the_weighted_sum_of_the_updates():
     from icm_lora.flat import FlatLayout
-    from icm_lora.lorahub import stacked
-    from icm_lora.merge import delta_weights, scaling
+    from icm_lora.merge import MergeError, delta_weights, scaling, stacked
     from icm_lora.zoo import LoRASpec
 
     lora = LoRASpec(r=2, lora_alpha=6)
@@ -290,7 +387,7 @@ def test_lorahub_stacked_lora_is_exactly_the_weighted_sum_of_the_updates():
         want = sum(wi * d[m] for wi, d in zip(w.double(), (delta_weights(f, layout, lora) for f in flats)))
         assert torch.allclose(got[m], want, atol=1e-5)
     assert scaling(lora) == 3.0
-    with pytest.raises(FusionError, match="rank >= 6"):  # three rank-2 LoRAs need rank 6
+    with pytest.raises(MergeError, match="rank >= 6"):  # three rank-2 LoRAs need rank 6
         stacked(flats, layout, lora, w, FlatLayout.from_state_dict(adapter(5)))
 
 
