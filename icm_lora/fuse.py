@@ -39,8 +39,17 @@ from icm_lora.flat import FlatLayout
 from icm_lora.fusion import DemoLoss, FusionError, FusionSpec, LatentFusion, StackedLoss
 from icm_lora.hardware import resolve_precision
 from icm_lora.lorahub import LoraHubSpec, lorahub
-from icm_lora.merge import (MergeError, MergeSpec, delta_weights, factorize, merge, merged_config, peft_merge,
-                            skeleton, stacked)
+from icm_lora.merge import (
+    MergeError,
+    MergeSpec,
+    delta_weights,
+    factorize,
+    merge,
+    merged_config,
+    peft_merge,
+    skeleton,
+    stacked,
+)
 from icm_lora.semantic import FarDescription
 from icm_lora.system import ICMLoRA
 from icm_lora.tasks import load_task_file, slug

@@ -59,7 +59,6 @@ from icm_lora.tasks import Task, slug
 from icm_lora.zoo import LoRASpec, Zoo, copy_zoo, lora_layout
 from icm_lora.zoo_build import build
 
-
 LORAHUB = "LoraHub (weights fitted on demonstrations)"
 
 
