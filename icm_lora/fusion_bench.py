@@ -377,6 +377,9 @@ def upgrade(saved: dict) -> dict:
     """A set's saved rows in the format of before each method was kept apart (one key over every grid,
     one list of rows) -> the current one, so a grid that is unchanged is not scored again."""
     if "rows" not in saved:
+        if "union_steps" in saved.get("key", {}):  # the union's settings once sat in the key
+            key = dict(saved["key"])
+            saved = saved | {"key": key, "union": {k: key.pop(k, None) for k in ("union_steps", "union_max_steps")}}
         return saved
     key = dict(saved["key"])
     grids = key.pop("fusions", {}) | key.pop("merges", {}) | ({LORAHUB: key.pop("lorahub")} if "lorahub" in key else {})

@@ -327,6 +327,9 @@ def test_saved_sets_of_the_older_format_keep_their_methods_rows():
     assert new["methods"][fusion_bench.LORAHUB]["grid"] == [{"budget": 3}]
     assert new["references"] == [old["rows"][3]] and new["union"] == {"union_steps": 2, "union_max_steps": 8}
     assert fusion_bench.upgrade(new) == new
+    between = {"key": {"tasks": ["a", "b"], "union_steps": 2, "union_max_steps": 8}, "methods": {}, "references": []}
+    assert fusion_bench.upgrade(between) == {"key": {"tasks": ["a", "b"]}, "methods": {}, "references": [],
+                                             "union": {"union_steps": 2, "union_max_steps": 8}}
 
 
 @pytest.mark.parametrize("fusion, source", [("fusion.yaml", "openworld.yaml"), ("fusion_domains.yaml", "domains.yaml")])
