@@ -75,7 +75,7 @@ class FusionSpec:
         weights: per task, in the order given (None: equal); normalised to sum to 1.
         scale: factor on the fused (z, c) before decoding (``decode: each``: on the summed update).
         density: ``ties``: share of each task's coordinates kept.
-        steps: ``optimize``: Adam steps on (z, c) (``decode: each``: on every task's and its weight).
+        steps: ``optimize``: Adam steps on (z, c) (``decode: each``: on every task's point and weight).
         lr: ``optimize``: Adam learning rate.
         demo_tokens: ``optimize``: tokens of each task's demonstrations used (from the start).
         block_size: ``optimize``: tokens per block.
