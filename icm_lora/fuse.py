@@ -197,12 +197,13 @@ def run_merge(dm: ZooDataModule, items: list[str], spec: MergeSpec) -> tuple[lis
                                                   "weights": [1.0] * len(flats)}
 
 
-def wide_live(dm: ZooDataModule, rank: int) -> tuple[LiveAdapter, Any]:
+def wide_live(dm: ZooDataModule, rank: int, loaded: tuple[Any, Any] | None = None) -> tuple[LiveAdapter, Any]:
     """A base model wrapped in PEFT with the zoo's target modules at rank ``rank`` and scaling 1 (room for
-    the exact sum of up to rank / r of the zoo's LoRAs, ``lorahub.stacked``), and its tokenizer."""
+    the exact sum of up to rank / r of the zoo's LoRAs, ``merge.stacked``), and its tokenizer; ``loaded``:
+    a bare (model, tokenizer) already loaded, wrapped instead of loading another."""
     wide = LoRASpec(r=rank, lora_alpha=rank, target_modules=list(dm.lora.target_modules),
                     layers_to_transform=dm.lora.layers_to_transform)
-    model, tokenizer = base.load(dm.base_model, dm.cache_dir)
+    model, tokenizer = loaded or base.load(dm.base_model, dm.cache_dir)
     return LiveAdapter(model.to(dm.device), wide.peft_config(),
                        lora_layout(base.load_config(dm.base_model, dm.cache_dir), wide)), tokenizer
 
@@ -267,7 +268,7 @@ def run_icm_fusion(dm: ZooDataModule, system: ICMLoRA, items: list[str], spec: F
                               f"{empty} have none (a task file needs 'examples')")
         if spec.decode == "each":
             if wide is None:
-                wide, tokenizer = wide_live(dm, len(names) * dm.lora.r)
+                wide, tokenizer = wide_live(dm, len(names) * dm.lora.r, (model, tokenizer) if model is not None else None)
             one = torch.ones(1)
             demo = DemoLoss(wide.model, tokenizer, wide.layout, demos, spec.demo_tokens, spec.block_size,
                             resolve_precision(spec.precision, wide.device),

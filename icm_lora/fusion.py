@@ -30,7 +30,7 @@ decoder), each point is decoded, and the fused update is ``scale`` Σ w_t ΔW_t 
 adapter of rank T·r. ``mean`` leaves the points as they are (the weighted mean of the decoded
 updates: task arithmetic on the generator's LoRAs); ``ties`` has no per-task points and is refused.
 ``anchor: own`` (zoo tasks) takes the decoder's reconstruction error out: each task's LoRA is its own
-LoRA plus what moving its point changes in the decoded LoRA, own + decode(adjusted) - decode(start),
+LoRA plus what moving its point changes in the decoded LoRA, own + decode(adjusted) - decode(point),
 so the unadjusted fusion is exactly task arithmetic of the own LoRAs and the latent adjustment is the
 only thing the generator adds.
 """

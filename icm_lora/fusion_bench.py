@@ -134,8 +134,9 @@ class Bench:
         key = generator_key(cfg)
         forget_other_settings(folder, key)
         done = folder / "done.json"
-        if done.exists() and Path(files.read_json(done)["best"]).exists():
-            return files.read_json(done)["best"]  # else its checkpoint was removed: fit again
+        best = files.read_json(done)["best"] if done.exists() else None
+        if best and Path(best).exists():  # else never fit, or its checkpoint was removed: fit again
+            return best
         self.cli.config = cfg
         self.cli.__dict__.pop("config_dump", None)
         L.seed_everything(int(cfg.seed_everything or 0))
@@ -265,10 +266,9 @@ class Bench:
 
     def run_set(self, s: FusionSet, saved: dict | None = None, save=lambda saved: None) -> list[dict]:
         """The set's rows. ``saved`` holds rows already scored: each method's under its grid (kept while
-        the grid is unchanged) and the references (kept while the union LoRA's settings are); ``save`` is
-        called after each method, so an
-        interrupted set resumes at the method it stopped in, and a method added to the config is the
-        only one scored."""
+        the grid is unchanged) and the references (kept while the union LoRA's settings are). ``save``
+        is called after each method, so an interrupted set resumes at the method it stopped in, and a
+        method added to the config is the only one scored."""
         saved = saved if saved is not None else {}
         methods = saved.setdefault("methods", {})
         names = self.members(s)
@@ -374,20 +374,19 @@ class Bench:
 
 
 def upgrade(saved: dict) -> dict:
-    """A set's saved rows in the format of before each method was kept apart (one key over every grid,
-    one list of rows) -> the current one, so a grid that is unchanged is not scored again."""
-    if "rows" not in saved:
-        if "union_steps" in saved.get("key", {}):  # the union's settings once sat in the key
-            key = dict(saved["key"])
-            saved = saved | {"key": key, "union": {k: key.pop(k, None) for k in ("union_steps", "union_max_steps")}}
+    """A set's saved rows in an older format -> the current one, so a grid that is unchanged is not
+    scored again: the union LoRA's settings once sat in the key, and before that one key covered every
+    method's grid over one list of rows."""
+    if "union_steps" not in saved.get("key", {}):
         return saved
     key = dict(saved["key"])
-    grids = key.pop("fusions", {}) | key.pop("merges", {}) | ({LORAHUB: key.pop("lorahub")} if "lorahub" in key else {})
     union = {k: key.pop(k, None) for k in ("union_steps", "union_max_steps")}
-    methods = {label: {"grid": grid, "rows": [r for r in saved["rows"] if r["method"] == label]}
-               for label, grid in grids.items()}
-    return {"key": key, "methods": methods, "references": [r for r in saved["rows"] if r["family"] == "reference"],
-            "union": union}
+    if "rows" in saved:
+        grids = key.pop("fusions", {}) | key.pop("merges", {}) | ({LORAHUB: key.pop("lorahub")} if "lorahub" in key else {})
+        saved = {"methods": {label: {"grid": grid, "rows": [r for r in saved["rows"] if r["method"] == label]}
+                             for label, grid in grids.items()},
+                 "references": [r for r in saved["rows"] if r["family"] == "reference"]}
+    return saved | {"key": key, "union": union}
 
 
 def format_tables(rows: list[dict], header: str) -> tuple[str, str]:
