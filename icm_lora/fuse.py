@@ -256,40 +256,48 @@ def run_icm_fusion(dm: ZooDataModule, system: ICMLoRA, items: list[str], spec: F
         demos.append(list(task.get("examples") or []))
     if spec.latent == "posterior" and any(o is None for o in own):
         raise FusionError("fusion.latent posterior encodes each task's own LoRA, so zoo tasks only")
-    if spec.anchor == "own" and any(o is None for o in own):
-        raise FusionError("fusion.anchor own moves each task's own LoRA, so zoo tasks only")
+    if spec.anchor != "decoded" and any(o is None for o in own):
+        raise FusionError(f"fusion.anchor {spec.anchor} moves the tasks' own LoRAs, so zoo tasks only")
     fusion = LatentFusion(system.cvae, dm.normalizer)
     points = fusion.points(torch.stack(conditions), None if spec.latent == "prior" else torch.stack(own), spec.latent)
-    loss = None
+    anchor = merge_flats(dm, own, spec.merge_spec()) if spec.anchor == "merged" else None  # per-module ΔW
+    anchor_state, anchor_rank = factorize(anchor) if anchor is not None else (None, 0)
+    loss = check = None
     if spec.rule == "optimize" and spec.steps:
         empty = [n for n, d in zip(names, demos) if not d]
         if empty:
             raise FusionError(f"fusion.rule optimize fits the fused point on each task's demonstrations; "
                               f"{empty} have none (a task file needs 'examples')")
+        parts = [(0, spec.demo_tokens)] + ([(spec.demo_tokens, spec.holdout_tokens)] if spec.holdout_tokens else [])
         if spec.decode == "each":
             if wide is None:
-                wide, tokenizer = wide_live(dm, len(names) * dm.lora.r, (model, tokenizer) if model is not None else None)
+                rank = anchor_rank + len(names) * dm.lora.r * (2 if anchor is not None else 1)
+                wide, tokenizer = wide_live(dm, rank, (model, tokenizer) if model is not None else None)
             one = torch.ones(1)
-            demo = DemoLoss(wide.model, tokenizer, wide.layout, demos, spec.demo_tokens, spec.block_size,
-                            resolve_precision(spec.precision, wide.device),
-                            own=[stacked([o], dm.layout, dm.lora, one, wide.layout) if o is not None else None
-                                 for o in own])
-            loss = StackedLoss(demo, dm.layout, dm.lora, wide.layout)
+            wide_own = [stacked([o], dm.layout, dm.lora, one, wide.layout) if o is not None else None for o in own]
+            losses = [StackedLoss(DemoLoss(wide.model, tokenizer, wide.layout, demos, tokens, spec.block_size,
+                                           resolve_precision(spec.precision, wide.device), own=wide_own, start=skip),
+                                  dm.layout, dm.lora, wide.layout, anchor_state) for skip, tokens in parts]
         else:
             if live is None:
                 if model is None:
                     model, tokenizer = base.load(dm.base_model, dm.cache_dir)
                 live = LiveAdapter(model.to(system.device), dm.lora.peft_config(), dm.layout)
-            loss = DemoLoss(live.model, tokenizer, dm.layout, demos, spec.demo_tokens, spec.block_size,
-                            resolve_precision(spec.precision, live.device), own=own)
+            losses = [DemoLoss(live.model, tokenizer, dm.layout, demos, tokens, spec.block_size,
+                               resolve_precision(spec.precision, live.device), own=own, start=skip)
+                      for skip, tokens in parts]
+        loss, check = losses[0], (losses[1] if len(losses) > 1 else None)
     torch.manual_seed(spec.seed)
     record = {"method": "icm_fusion", "fusion": asdict(spec)}
     if spec.decode == "each":
-        flats, weights, info = fusion.fuse_each(points, spec, loss, torch.stack(own) if spec.anchor == "own" else None)
+        flats, weights, info = fusion.fuse_each(points, spec, loss, torch.stack(own) if spec.anchor == "own" else None,
+                                                check)
         deltas = merge([delta_weights(f.detach().float().cpu(), dm.layout, dm.lora) for f in flats],
                        weights.detach(), MergeSpec())
+        if anchor is not None:
+            deltas = {m: d + anchor[m] for m, d in deltas.items()}
         return names, deltas, record | info
-    flat, info = fusion.fuse(points, spec, loss)
+    flat, info = fusion.fuse(points, spec, loss, check)
     return names, flat.detach().float().cpu(), record | info
 
 

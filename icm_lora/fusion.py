@@ -32,12 +32,20 @@ updates: task arithmetic on the generator's LoRAs); ``ties`` has no per-task poi
 ``anchor: own`` (zoo tasks) takes the decoder's reconstruction error out: each task's LoRA is its own
 LoRA plus what moving its point changes in the decoded LoRA, own + decode(adjusted) - decode(point),
 so the unadjusted fusion is exactly task arithmetic of the own LoRAs and the latent adjustment is the
-only thing the generator adds.
+only thing the generator adds. ``anchor: merged`` (zoo tasks) starts from a data-free merge of the own
+LoRAs instead (``anchor_merge``, TSV-M by default) and adds what the latent adjustment changes in the
+decoded updates, merge + scale Σ w_t (ΔW(adjusted_t) - ΔW(point_t)): the unadjusted fusion is the merge,
+and the generator steers it.
+
+``holdout_tokens`` > 0 keeps the tokens of each task's demonstrations that follow the fitted ones out of
+the fit: ``optimize`` returns the step whose objective on them is lowest (the step is chosen on text
+the steps never saw, so a long or fast descent cannot overfit the few fitted tokens unnoticed).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from peft import PeftModel
@@ -46,14 +54,14 @@ from torch.func import functional_call
 
 from icm_lora.evaluate import autocast
 from icm_lora.flat import FlatLayout
-from icm_lora.merge import stacked, ties
+from icm_lora.merge import MERGERS, MergeSpec, stacked, ties
 from icm_lora.prefix import FrozenPrefix
 from icm_lora.zoo import LoRASpec
 
 RULES = ("mean", "ties", "pcgrad", "optimize")
 LATENTS = ("prior", "posterior")
 DECODES = ("once", "each")
-ANCHORS = ("decoded", "own")
+ANCHORS = ("decoded", "own", "merged")
 
 
 class FusionError(ValueError):
@@ -68,8 +76,12 @@ class FusionSpec:
         rule: ``mean``, ``ties``, ``pcgrad`` or ``optimize`` (see the module's docstring).
         decode: ``once`` (the fused point decoded into one rank-r LoRA) or ``each`` (each task's
             adjusted point decoded, the updates summed: rank T·r; see the module's docstring).
-        anchor: ``decode: each``: ``decoded`` (each task's LoRA is the decoded one) or ``own`` (its own
-            LoRA plus the change the latent adjustment makes to the decoded one; zoo tasks only).
+        anchor: ``decode: each``: ``decoded`` (each task's LoRA is the decoded one), ``own`` (its own
+            LoRA plus the change the latent adjustment makes to the decoded one; zoo tasks only) or
+            ``merged`` (the own LoRAs' merge by ``anchor_merge`` plus the changes the adjustment makes to
+            the decoded updates; zoo tasks only).
+        anchor_merge: ``anchor: merged``: the merge's settings (``MergeSpec``: a ``method`` of this
+            package's merges, its knobs; each task weighs 1, as in the fusion bench's merges).
         latent: ``prior`` (z_t = 0: fusing one task is generating it) or ``posterior`` (z_t from the
             task's own LoRA; zoo tasks only).
         weights: per task, in the order given (None: equal); normalised to sum to 1.
@@ -77,7 +89,9 @@ class FusionSpec:
         density: ``ties``: share of each task's coordinates kept.
         steps: ``optimize``: Adam steps on (z, c) (``decode: each``: on every task's point and weight).
         lr: ``optimize``: Adam learning rate.
-        demo_tokens: ``optimize``: tokens of each task's demonstrations used (from the start).
+        demo_tokens: ``optimize``: tokens of each task's demonstrations fitted on (from the start).
+        holdout_tokens: ``optimize``: tokens of each task's demonstrations after the fitted ones on which
+            the returned step is chosen (0: chosen on the fitted tokens).
         block_size: ``optimize``: tokens per block.
         focus: ``optimize``: 0 minimises the weighted mean of the tasks' lags (``DemoLoss``); > 0 their
             smooth maximum at this temperature (the lagging task weighs more).
@@ -88,6 +102,7 @@ class FusionSpec:
     rule: str = "mean"
     decode: str = "once"
     anchor: str = "decoded"
+    anchor_merge: dict = field(default_factory=lambda: {"method": "tsv_m"})
     latent: str = "prior"
     weights: list[float] | None = None
     scale: float = 1.0
@@ -95,6 +110,7 @@ class FusionSpec:
     steps: int = 20
     lr: float = 0.01
     demo_tokens: int = 256
+    holdout_tokens: int = 0
     block_size: int = 128
     focus: float = 0.0
     precision: str = "auto"
@@ -110,13 +126,28 @@ class FusionSpec:
                               "(use decode once, or rule mean, pcgrad or optimize)")
         if self.anchor not in ANCHORS:
             raise FusionError(f"fusion.anchor must be one of {ANCHORS}, got {self.anchor!r}")
-        if self.anchor == "own" and self.decode != "each":
-            raise FusionError("fusion.anchor own moves each task's own LoRA: it needs decode each")
+        if self.anchor != "decoded" and self.decode != "each":
+            raise FusionError(f"fusion.anchor {self.anchor} moves the tasks' own LoRAs: it needs decode each")
+        if self.anchor == "merged":
+            self.merge_spec()
         if self.latent not in LATENTS:
             raise FusionError(f"fusion.latent must be one of {LATENTS}, got {self.latent!r}")
         if not 0 < self.density <= 1 or self.steps < 0 or self.focus < 0 or self.demo_tokens < 2:
             raise FusionError(f"need 0 < density <= 1, steps >= 0, focus >= 0 and demo_tokens >= 2, got "
                              f"{self.density}, {self.steps}, {self.focus}, {self.demo_tokens}")
+        if self.holdout_tokens != 0 and self.holdout_tokens < 2:
+            raise FusionError(f"fusion.holdout_tokens must be 0 (off) or >= 2, got {self.holdout_tokens}")
+
+    def merge_spec(self) -> MergeSpec:
+        """``anchor_merge`` as a MergeSpec (one of this package's merges: PEFT's need a model)."""
+        settings = dict(self.anchor_merge)
+        method = settings.pop("method", "tsv_m")
+        if method not in MERGERS:
+            raise FusionError(f"fusion.anchor_merge method must be one of {MERGERS}, got {method!r}")
+        try:
+            return MergeSpec(method=method, **settings)
+        except (TypeError, ValueError) as err:
+            raise FusionError(f"fusion.anchor_merge: {err}") from err
 
     def normalized_weights(self, count: int) -> Tensor:
         """(T,) weights summing to 1 (equal when none are given)."""
@@ -172,11 +203,12 @@ class DemoLoss:
         tokens: tokens of each task's demonstrations used.
         block_size: tokens per block.
         precision: ``bf16`` or ``fp32`` (resolved).
-        own: per task, its own LoRA (flat, zoo layout) or None (a task outside the zoo).
+        own: per task, its own LoRA (flat, ``layout``) or None (a task outside the zoo).
+        start: tokens of each task's demonstrations skipped first (a held-out part follows the fitted one).
     """
 
     def __init__(self, model: PeftModel, tokenizer, layout: FlatLayout, demos: list[list[str]], tokens: int,
-                 block_size: int, precision: str, own: list[Tensor | None] | None = None) -> None:
+                 block_size: int, precision: str, own: list[Tensor | None] | None = None, start: int = 0) -> None:
         self.model, self.layout, self.precision = model, layout, precision
         self.device = next(model.parameters()).device
         adapter = model.active_adapter
@@ -189,7 +221,7 @@ class DemoLoss:
                 raise FusionError(f"the live model has no parameter {live!r} for LoRA tensor {seg.name!r}")
             self.param_names[seg.name] = "model." + live
         self.prefix = FrozenPrefix(model)
-        self.blocks = [self._blocks(tokenizer, texts, tokens, block_size) for texts in demos]
+        self.blocks = [self._blocks(tokenizer, texts, start, tokens, block_size) for texts in demos]
         self.wrapper = _Loss(model, self.prefix)
         with torch.no_grad(), model.disable_adapter():
             self.base = torch.stack([self._loss(b, None) for b in self.blocks]).detach()  # (T,)
@@ -200,10 +232,11 @@ class DemoLoss:
         self.judged = (self.base - self.own) > 0.01 * self.base  # tasks whose own LoRA clearly helps here (NaN: no)
         self.own = torch.where(self.judged, self.own, self.base - 1.0)  # finite everywhere, so gradients stay finite
 
-    def _blocks(self, tokenizer, texts: list[str], tokens: int, block_size: int) -> list[Tensor]:
-        ids = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"][:tokens]
+    def _blocks(self, tokenizer, texts: list[str], start: int, tokens: int, block_size: int) -> list[Tensor]:
+        ids = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"][start : start + tokens]
         if len(ids) < 2:
-            raise FusionError("a task's demonstrations have fewer than 2 tokens")
+            raise FusionError(f"a task's demonstrations have fewer than {start + 2} tokens"
+                              + (f" ({start} fitted, then the held-out ones)" if start else ""))
         ids = torch.tensor(ids)
         blocks = [ids[s : s + block_size] for s in range(0, len(ids), block_size)]
         blocks = [b for b in blocks if len(b) >= 2]
@@ -253,14 +286,16 @@ class StackedLoss:
         layout: the zoo's flat layout.
         lora: the zoo's LoRA settings (their scaling is applied once, in ``stacked``).
         wide: the live adapter's flat layout.
+        anchor: a fixed LoRA state dict of scaling 1 (``merge.factorize``) whose update is added, or None.
     """
 
-    def __init__(self, demo: DemoLoss, layout: FlatLayout, lora: LoRASpec, wide: FlatLayout) -> None:
-        self.demo, self.layout, self.lora, self.wide = demo, layout, lora, wide
+    def __init__(self, demo: DemoLoss, layout: FlatLayout, lora: LoRASpec, wide: FlatLayout,
+                 anchor: dict[str, Tensor] | None = None) -> None:
+        self.demo, self.layout, self.lora, self.wide, self.anchor = demo, layout, lora, wide, anchor
 
     def __call__(self, flats: Tensor, weights: Tensor) -> Tensor:
-        """(T, D) LoRAs and (T,) weights (with grad) -> (T,) each task's lag on its demonstrations."""
-        return self.demo(stacked(list(flats), self.layout, self.lora, weights, self.wide))
+        """(T', D) LoRAs and (T',) weights (with grad) -> (T,) each task's lag on its demonstrations."""
+        return self.demo(stacked(list(flats), self.layout, self.lora, weights, self.wide, self.anchor))
 
 
 class _Loss(nn.Module):
@@ -283,6 +318,31 @@ def objective(lag: Tensor, weights: Tensor, focus: float) -> Tensor:
     if focus == 0:
         return weights @ lag
     return focus * torch.logsumexp(lag / focus + weights.log(), 0)
+
+
+def descend(params: list[Tensor], fit: Callable[[], Tensor], check: Callable[[], Tensor] | None, steps: int,
+            lr: float) -> tuple[list[Tensor], dict]:
+    """``steps`` Adam steps on ``params`` minimising ``fit()`` -> their values at the step where ``check()``
+    (``fit()`` when None) was lowest, the start included, and the objectives at the start and there."""
+    opt = torch.optim.Adam(params, lr=lr)
+    best: dict = {}
+    for step in range(steps + 1):
+        value = fit()
+        with torch.no_grad():
+            judged = value.item() if check is None else check().item()
+        if step == 0:
+            start = {"demo_objective_start": value.item()} | ({} if check is None else {"holdout_objective_start": judged})
+        if not best or judged < best["judged"]:
+            best = {"judged": judged, "fit": value.item(), "step": step, "params": [p.detach().clone() for p in params]}
+        if step == steps:
+            break
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+    info = start | {"demo_objective_best": best["fit"], "best_step": best["step"], "steps": steps}
+    if check is not None:
+        info["holdout_objective_best"] = best["judged"]
+    return best["params"], info
 
 
 class LatentFusion:
@@ -320,50 +380,54 @@ class LatentFusion:
         return self.normalizer.denormalize(self.cvae.decode(z, c))
 
     def fuse_each(self, points: Tensor, spec: FusionSpec, loss: StackedLoss | None = None,
-                  own: Tensor | None = None) -> tuple[Tensor, Tensor, dict]:
-        """``decode: each``: (T, K) points (and, for ``anchor: own``, the (T, D) own LoRAs) -> (T, D) the
-        tasks' LoRAs, (T,) the weights their updates are summed with (``scale`` included), and what was
-        done (for ``optimize``: the demonstration objective at the start and at the best step)."""
-        weights = spec.normalized_weights(len(points))
+                  own: Tensor | None = None, check: StackedLoss | None = None) -> tuple[Tensor, Tensor, dict]:
+        """``decode: each``: (T, K) points (and, for ``anchor: own``, the (T, D) own LoRAs) -> (T', D) LoRAs
+        and (T',) weights (``scale`` included) whose weighted sum of updates is the fused update (``anchor:
+        merged``: less the merge; T' = 2T, the decoded LoRAs at the adjusted points, then at the start
+        points, weighted -w), and what was done (for ``optimize``: the demonstration objective at the start
+        and at the chosen step; ``check``: the held-out demonstrations' loss the step is chosen on)."""
+        weights = spec.normalized_weights(len(points)) * spec.scale
         start = pcgrad(points) if spec.rule == "pcgrad" else points
         info: dict = {"decode": "each", "anchor": spec.anchor}
+        with torch.no_grad():
+            at_points = self.decode_all(points)  # (T, D)
         if spec.anchor == "own":
             if own is None:
                 raise FusionError("fusion.anchor own needs every task's own LoRA: zoo tasks only")
-            with torch.no_grad():
-                offset = own.float() - self.decode_all(points)  # (T, D): own LoRA - decoded, at the tasks' points
+            offset = own.float() - at_points  # (T, D): own LoRA - decoded, at the tasks' points
         else:
             offset = torch.zeros(())
+
+        def loras(point: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+            decoded = self.decode_all(point) + offset
+            if spec.anchor == "merged":  # the change the adjustment makes: ΔW(adjusted) - ΔW(start)
+                return torch.cat([decoded, at_points]), torch.cat([w, -w])
+            return decoded, w
+
         if spec.rule != "optimize" or spec.steps == 0:
-            info["weights"] = (weights * spec.scale).tolist()
+            info["weights"] = weights.tolist()
             with torch.no_grad():
-                return self.decode_all(start) + offset, weights * spec.scale, info
+                return *loras(start, weights), info
         if loss is None:
             raise FusionError("fusion.rule optimize needs the tasks' demonstrations")
+        base_weights = spec.normalized_weights(len(points))
         point = start.clone().requires_grad_(True)
         log_gain = torch.zeros(len(points), requires_grad=True)  # each task's weight, relative to its start
-        opt = torch.optim.Adam([point, log_gain], lr=spec.lr)
-        best, history = (float("inf"), start.clone(), torch.zeros(len(points))), []
-        for _ in range(spec.steps + 1):
-            lag = loss(self.decode_all(point) + offset, weights * spec.scale * log_gain.exp())  # (T,)
-            value = objective(lag, weights, spec.focus)
-            history.append(value.item())
-            if value.item() < best[0]:
-                best = (value.item(), point.detach().clone(), log_gain.detach().clone())
-            if len(history) > spec.steps:
-                break
-            opt.zero_grad()
-            value.backward()
-            opt.step()
-        fitted = weights * spec.scale * best[2].exp()
-        info |= {"weights": fitted.tolist(), "demo_objective_start": history[0], "demo_objective_best": best[0],
-                 "steps": spec.steps}
-        with torch.no_grad():
-            return self.decode_all(best[1]) + offset, fitted, info
 
-    def fuse(self, points: Tensor, spec: FusionSpec, loss: DemoLoss | None = None) -> tuple[Tensor, dict]:
+        def judge(on: StackedLoss) -> Callable[[], Tensor]:
+            return lambda: objective(on(*loras(point, weights * log_gain.exp())), base_weights, spec.focus)
+
+        (best, gain), found = descend([point, log_gain], judge(loss), None if check is None else judge(check), spec.steps, spec.lr)
+        fitted = weights * gain.exp()
+        info |= {"weights": fitted.tolist()} | found
+        with torch.no_grad():
+            return *loras(best, fitted), info
+
+    def fuse(self, points: Tensor, spec: FusionSpec, loss: DemoLoss | None = None,
+             check: DemoLoss | None = None) -> tuple[Tensor, dict]:
         """(T, K) points -> (D,) fused LoRA and what was done (the weights; for ``optimize``, the demonstration
-        objective at the start and at the best step)."""
+        objective at the start and at the chosen step; ``check``: the held-out demonstrations' loss the
+        step is chosen on)."""
         weights = spec.normalized_weights(len(points))
         start = combine(points, weights, "mean" if spec.rule == "optimize" else spec.rule, spec.density) * spec.scale
         info: dict = {"weights": weights.tolist()}
@@ -373,19 +437,10 @@ class LatentFusion:
         if loss is None:
             raise FusionError("fusion.rule optimize needs the tasks' demonstrations")
         point = start.clone().requires_grad_(True)
-        opt = torch.optim.Adam([point], lr=spec.lr)
-        best, history = (float("inf"), start.clone()), []
-        for _ in range(spec.steps + 1):
-            lag = loss(self.decode(point))  # (T,)
-            value = objective(lag, weights, spec.focus)
-            history.append(value.item())
-            if value.item() < best[0]:
-                best = (value.item(), point.detach().clone())
-            if len(history) > spec.steps:
-                break
-            opt.zero_grad()
-            value.backward()
-            opt.step()
-        info |= {"demo_objective_start": history[0], "demo_objective_best": best[0], "steps": spec.steps}
+
+        def judge(on: DemoLoss) -> Callable[[], Tensor]:
+            return lambda: objective(on(self.decode(point)), weights, spec.focus)
+
+        (best,), found = descend([point], judge(loss), None if check is None else judge(check), spec.steps, spec.lr)
         with torch.no_grad():
-            return self.decode(best[1]), info
+            return self.decode(best), info | found

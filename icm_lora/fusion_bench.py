@@ -224,6 +224,11 @@ class Bench:
 
     # ---- methods ---------------------------------------------------------------------------------
     def fused(self, names: list[str], settings: dict) -> Tensor:
+        settings = dict(settings)
+        if "anchor_merge" in settings:  # its lambda may be T^p too
+            merge_settings = dict(settings["anchor_merge"])
+            merge_settings["scale"] = resolve_scale(merge_settings.get("scale", 1.0), len(names))
+            settings["anchor_merge"] = merge_settings
         spec = FusionSpec(**{k: v for k, v in settings.items() if k != "scale"},
                           scale=resolve_scale(settings.get("scale", 1.0), len(names)))
         return run_icm_fusion(self.dm, self.system, names, spec, self.zoo_live, self.tokenizer, self.live)[1]

@@ -145,9 +145,11 @@ def pad_into(state: dict[str, Tensor], into: FlatLayout) -> Tensor:
     return torch.cat(parts).cpu()
 
 
-def stacked(flats: list[Tensor], layout: FlatLayout, lora: LoRASpec, weights: Tensor, into: FlatLayout) -> Tensor:
+def stacked(flats: list[Tensor], layout: FlatLayout, lora: LoRASpec, weights: Tensor, into: FlatLayout,
+            anchor: dict[str, Tensor] | None = None) -> Tensor:
     """T (D,) LoRAs of ``layout`` and (T,) weights -> one flat LoRA of ``into`` (scaling 1, rank R >= T·r)
     whose update is exactly Σ w_i s·B_i A_i: A = [A_1; ...; A_T; 0], B = [w_1 s B_1, ..., w_T s B_T, 0].
+    ``anchor``, a fixed LoRA state dict of scaling 1 (``factorize``), is put first, and its update added.
     Differentiable in the LoRAs and the weights."""
     s, states = scaling(lora), [layout.unflatten(f.float()) for f in flats]
     shapes = {seg.name: seg.shape for seg in into.segments}
@@ -155,6 +157,9 @@ def stacked(flats: list[Tensor], layout: FlatLayout, lora: LoRASpec, weights: Te
     for m in module_names(layout):
         A = torch.cat([st[m + A_SUFFIX] for st in states])  # (T·r, in)
         B = torch.cat([w * s * st[m + B_SUFFIX] for w, st in zip(weights.float(), states)], dim=1)  # (out, T·r)
+        if anchor is not None:  # (R_a + T·r, in), (out, R_a + T·r)
+            A = torch.cat([anchor[m + A_SUFFIX].to(A), A])
+            B = torch.cat([anchor[m + B_SUFFIX].to(B), B], dim=1)
         if m + A_SUFFIX not in shapes or shapes[m + A_SUFFIX][0] < A.shape[0]:
             raise MergeError(f"the live adapter has no module {m!r} of rank >= {A.shape[0]}")
         out[m + A_SUFFIX], out[m + B_SUFFIX] = A, B

@@ -60,6 +60,35 @@ def test_fusion_settings_are_checked():
         FusionSpec(decode="each", anchor="zoo")
     with pytest.raises(FusionError, match="it needs decode each"):
         FusionSpec(anchor="own")
+    with pytest.raises(FusionError, match="it needs decode each"):
+        FusionSpec(anchor="merged")
+    with pytest.raises(FusionError, match="anchor_merge method must be one of"):
+        FusionSpec(decode="each", anchor="merged", anchor_merge={"method": "peft_cat"})
+    with pytest.raises(FusionError, match="anchor_merge: density"):
+        FusionSpec(decode="each", anchor="merged", anchor_merge={"method": "ties", "density": 2.0})
+    assert FusionSpec(decode="each", anchor="merged", anchor_merge={"keep": 0.5}).merge_spec().method == "tsv_m"
+    with pytest.raises(FusionError, match="holdout_tokens must be 0"):
+        FusionSpec(holdout_tokens=1)
+
+
+def test_the_step_is_chosen_on_the_held_out_objective():
+    """descend fits on one objective and returns the step where the other is lowest (start included)."""
+    from icm_lora.fusion import descend
+
+    x = torch.zeros(1, requires_grad=True)
+    fit = lambda: (x - 2.0).pow(2).sum()  # noqa: E731  minimised at 2
+    check = lambda: (x - 0.5).pow(2).sum()  # noqa: E731  held out: best near 0.5
+    (best,), info = descend([x], fit, check, steps=40, lr=0.1)
+    assert abs(best.item() - 0.5) <= 0.1 and x.item() > 1.5  # the descent went on; the held-out step was kept
+    assert info["holdout_objective_best"] <= info["holdout_objective_start"] and 0 < info["best_step"] < 40
+    assert info["demo_objective_best"] == pytest.approx((best.item() - 2.0) ** 2)
+    x = torch.zeros(1, requires_grad=True)
+    (best,), info = descend([x], fit, None, steps=40, lr=0.1)
+    assert info["demo_objective_best"] < info["demo_objective_start"] and "holdout_objective_best" not in info
+    assert best.item() > 1.5  # without a held-out part, the lowest fitted objective
+    x = torch.zeros(1, requires_grad=True)
+    (best,), info = descend([x], fit, lambda: (x + 1.0).pow(2).sum(), steps=5, lr=0.1)
+    assert best.item() == 0.0 and info["best_step"] == 0  # every step hurts the held-out part: the start is kept
 
 
 def test_fuse_through_the_cli_writes_a_folder_plain_peft_loads(tiny_run, monkeypatch):
@@ -141,6 +170,17 @@ def test_decoding_each_task_sums_the_generated_updates(tiny_run, monkeypatch):
         got = delta(files.load_tensors(anchored / WEIGHTS), 1.0)
         for m in got:
             assert torch.allclose(got[m], 0.25 * own["legal"][m] + 0.75 * own["python"][m], atol=1e-5)
+    # anchored at a merge, the unadjusted fusion is that merge of the own LoRAs
+    merged = fuse_adapters(TINY, ["legal", "python"], method="merge", output_dir=tiny_run / "each", name="tsv",
+                           overrides=[*zoo, "--merge.method", "tsv_m", "--merge.scale", "0.7"])
+    want = delta(files.load_tensors(merged / WEIGHTS), 1.0)
+    anchored = fuse_adapters(TINY, ["legal", "python"], ckpt, output_dir=tiny_run / "each", name="merged",
+                             overrides=[*zoo, "--fusion.decode", "each", "--fusion.anchor", "merged",
+                                        "--fusion.anchor_merge", "{method: tsv_m, scale: 0.7}"])
+    record = files.read_json(anchored / GENERATION)
+    assert record["anchor"] == "merged" and record["fusion"]["anchor_merge"] == {"method": "tsv_m", "scale": 0.7}
+    got = delta(files.load_tensors(anchored / WEIGHTS), 1.0)
+    assert all(torch.allclose(got[m], want[m], atol=1e-5) for m in want)
 
 
 def test_merging_one_zoo_task_gives_back_its_own_lora(tiny_run, monkeypatch):
@@ -220,6 +260,19 @@ def test_optimize_fits_the_fused_point_on_the_demonstrations(tiny_run, monkeypat
                                         "--fusion.lr", "0.5", "--fusion.precision", "fp32"])
     record = files.read_json(anchored / GENERATION)
     assert record["anchor"] == "own" and record["demo_objective_best"] < record["demo_objective_start"]
+    # steered from TSV-M, the step chosen on held-out demonstrations (never fitted on)
+    steered = fuse_adapters(TINY, ["legal", "python"], ckpt, output_dir=tiny_run / "optimised", name="steered",
+                            overrides=["--data.zoo_dir", str(tiny_run / "zoo"), "--fusion.rule", "optimize",
+                                       "--fusion.decode", "each", "--fusion.anchor", "merged", "--fusion.steps", "8",
+                                       "--fusion.lr", "0.5", "--fusion.precision", "fp32", "--fusion.demo_tokens", "24",
+                                       "--fusion.holdout_tokens", "24"])
+    record = files.read_json(steered / GENERATION)
+    assert record["anchor"] == "merged" and record["holdout_objective_best"] <= record["holdout_objective_start"]
+    assert 0 <= record["best_step"] <= 8 and record["fusion"]["holdout_tokens"] == 24
+    with pytest.raises(FusionError, match="fewer than 10002 tokens"):  # the held-out part must exist
+        fuse_adapters(TINY, ["legal", "python"], ckpt, output_dir=tiny_run / "optimised", name="none_held_out",
+                      overrides=["--data.zoo_dir", str(tiny_run / "zoo"), "--fusion.rule", "optimize",
+                                 "--fusion.steps", "2", "--fusion.demo_tokens", "10000", "--fusion.holdout_tokens", "8"])
 
 
 def test_demo_loss_swaps_the_lora_in_exactly(tiny_base):
@@ -392,6 +445,14 @@ def test_lorahub_stacked_lora_is_exactly_the_weighted_sum_of_the_updates():
     assert scaling(lora) == 3.0
     with pytest.raises(MergeError, match="rank >= 6"):  # three rank-2 LoRAs need rank 6
         stacked(flats, layout, lora, w, FlatLayout.from_state_dict(adapter(5)))
+    anchor = adapter(1)  # a fixed LoRA of scaling 1 put first: its update is added
+    got = delta_weights(stacked(flats, layout, lora, w, wide, anchor), wide, LoRASpec(r=7, lora_alpha=7))
+    for m in ("m", "n"):
+        want = sum(wi * d[m] for wi, d in zip(w.double(), (delta_weights(f, layout, lora) for f in flats)))
+        assert torch.allclose(got[m], want + anchor[m + ".lora_B.weight"].double() @ anchor[m + ".lora_A.weight"].double(),
+                              atol=1e-5)
+    with pytest.raises(MergeError, match="rank >= 8"):
+        stacked(flats, layout, lora, w, wide, adapter(2))
 
 
 def test_lorahub_through_the_cli_writes_the_weighted_sum_plain_peft_loads(tiny_run, monkeypatch):
