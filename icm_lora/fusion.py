@@ -417,7 +417,8 @@ class LatentFusion:
         def judge(on: StackedLoss) -> Callable[[], Tensor]:
             return lambda: objective(on(*loras(point, weights * log_gain.exp())), base_weights, spec.focus)
 
-        (best, gain), found = descend([point, log_gain], judge(loss), None if check is None else judge(check), spec.steps, spec.lr)
+        (best, gain), found = descend([point, log_gain], judge(loss), None if check is None else judge(check),
+                                      spec.steps, spec.lr)
         fitted = weights * gain.exp()
         info |= {"weights": fitted.tolist()} | found
         with torch.no_grad():
@@ -441,6 +442,7 @@ class LatentFusion:
         def judge(on: DemoLoss) -> Callable[[], Tensor]:
             return lambda: objective(on(self.decode(point)), weights, spec.focus)
 
-        (best,), found = descend([point], judge(loss), None if check is None else judge(check), spec.steps, spec.lr)
+        (best,), found = descend([point], judge(loss), None if check is None else judge(check), spec.steps,
+                                 spec.lr)
         with torch.no_grad():
             return self.decode(best), info | found

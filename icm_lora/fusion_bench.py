@@ -69,6 +69,11 @@ def resolve_scale(value: Any, size: int) -> float:
     return float(value)
 
 
+def with_scale(settings: dict, size: int) -> dict:
+    """A method's settings with their ``scale`` (a number or ``T^p``; default 1) resolved for ``size`` tasks."""
+    return settings | {"scale": resolve_scale(settings.get("scale", 1.0), size)}
+
+
 def retention(score: Score, base_score: Score, own: Score) -> float:
     return gap_closed(score.nll / score.tokens, base_score.nll / base_score.tokens, own.nll / own.tokens)
 
@@ -224,18 +229,14 @@ class Bench:
 
     # ---- methods ---------------------------------------------------------------------------------
     def fused(self, names: list[str], settings: dict) -> Tensor:
-        settings = dict(settings)
-        if "anchor_merge" in settings:  # its lambda may be T^p too
-            merge_settings = dict(settings["anchor_merge"])
-            merge_settings["scale"] = resolve_scale(merge_settings.get("scale", 1.0), len(names))
-            settings["anchor_merge"] = merge_settings
-        spec = FusionSpec(**{k: v for k, v in settings.items() if k != "scale"},
-                          scale=resolve_scale(settings.get("scale", 1.0), len(names)))
+        settings = with_scale(settings, len(names))
+        if "anchor_merge" in settings:  # the anchor's lambda may be T^p too
+            settings["anchor_merge"] = with_scale(settings["anchor_merge"], len(names))
+        spec = FusionSpec(**settings)
         return run_icm_fusion(self.dm, self.system, names, spec, self.zoo_live, self.tokenizer, self.live)[1]
 
     def merged(self, names: list[str], method: str, settings: dict) -> dict[str, Tensor]:
-        spec = MergeSpec(method=method, **{k: v for k, v in settings.items() if k != "scale"},
-                         scale=resolve_scale(settings.get("scale", 1.0), len(names)))
+        spec = MergeSpec(method=method, **with_scale(settings, len(names)))
         return merge_flats(self.dm, [self.dm.zoo.final(n) for n in names], spec, self.zoo_live.model)
 
     def lorahubbed(self, names: list[str], settings: dict) -> dict[str, Tensor]:
