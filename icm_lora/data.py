@@ -11,8 +11,9 @@ import math
 import random
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 
 import lightning as L
@@ -51,15 +52,18 @@ class ZooDataset(Dataset):
     order is never used, so conditions and weights cannot drift apart.
 
     With ``prompts`` (per task, (P, C) conditions of its single prompts) and ``draws`` > 0, each item's
-    condition is instead the mean of ``draws`` of its task's prompts drawn at random.
+    condition is instead the mean of ``draws`` of its task's prompts drawn at random. With ``redraw``
+    (task index -> (C,) condition), each item's condition is drawn by it instead (SG-LoRA's expert dropout).
     """
 
     def __init__(self, zoo: Zoo, names: list[str], items: list[tuple[int, int]], normalizer: Normalizer,
-                 conditions: Tensor, prompts: list[Tensor] | None = None, draws: int = 0) -> None:
+                 conditions: Tensor, prompts: list[Tensor] | None = None, draws: int = 0,
+                 redraw: Callable[[int], Tensor] | None = None) -> None:
         if len(names) != len(conditions):
             raise ValueError(f"{len(names)} task names but {len(conditions)} conditions")
         self.zoo, self.names, self.items, self.normalizer, self.conditions = zoo, names, items, normalizer, conditions
         self.prompts, self.draws = (prompts, draws) if prompts is not None and draws > 0 else (None, 0)
+        self.redraw = redraw
 
     def __len__(self) -> int:
         return len(self.items)
@@ -71,6 +75,8 @@ class ZooDataset(Dataset):
                 "task": torch.tensor(task)}
 
     def _condition(self, task: int) -> Tensor:
+        if self.redraw is not None:
+            return self.redraw(task)
         if self.prompts is None:
             return self.conditions[task]
         prompts = self.prompts[task]  # (P, C)
@@ -465,8 +471,12 @@ class ZooDataModule(L.LightningDataModule):
     # ---- loaders --------------------------------------------------------------------------
     def _dataset(self, items: list[tuple[int, int]], train: bool = False) -> ZooDataset:
         prompts = self.prompt_conditions if train else None
+        redraw = None
+        if train and self.condition.kind == "semantic" and self.semantic.expert_dropout > 0:
+            redraw = partial(semantic.dropout_condition, keys=self.expert_keys, means=self.expert_means,
+                             variances=self.expert_vars, spec=self.semantic)
         return ZooDataset(self.zoo, self.task_names, items, self.normalizer, self.conditions, prompts,
-                          self.condition_draws)
+                          self.condition_draws, redraw)
 
     def train_dataloader(self) -> DataLoader:
         ranks = Ranks.current()

@@ -77,7 +77,7 @@ SG_LORA = "SG-LoRA (description)"
 MAX_SNAPSHOTS = 64  # checkpoints one multi-task run may keep to give every budget of multitask_steps
 # python -m icm_lora.generator_sweep --sweep <section>: the YAML sections it can run
 SWEEPS = ("generator_sweep", "generator_sweep_dense", "generator_sweep_mixup", "sg_lora_sweep", "sg_lora_sweep_mixup",
-          "sg_lora_sweep_correction", "generator_sweep_schedule")
+          "sg_lora_sweep_correction", "sg_lora_sweep_dropout", "generator_sweep_schedule")
 
 
 class OpenWorldError(ValueError):
@@ -540,6 +540,8 @@ def generator_key(cfg) -> str:
     trainer = {k: v for k, v in plain["trainer"].items() if k not in ("logger", "default_root_dir")}
     if not plain["model"].get("mixup"):  # off: the key of releases before the option, so their generators stay valid
         plain["model"].pop("mixup", None)
+    if not (plain["data"].get("semantic") or {}).get("expert_dropout"):  # likewise
+        plain["data"].get("semantic", {}).pop("expert_dropout", None)
     for name in DECODING_ARGS:  # read at generation only: one trained generator serves every value
         plain["model"].pop(name, None)
     return fingerprint({"seed": plain.get("seed_everything"), "trainer": trainer}

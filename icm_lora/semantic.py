@@ -8,7 +8,10 @@ alpha = softmax(sim / tau), and their moments are matched into one Gaussian:
     mu* = sum_k alpha_k mu_k            var* = sum_k alpha_k var_k + sum_k alpha_k (mu_k - mu*)^2
 
 The generator's condition is c = [mu*, var*] (2 D values). A seen task's condition in training is
-built the same way from its neighbours with the task itself left out, as a new task's will be.
+built the same way from its neighbours with the task itself left out, as a new task's will be. With
+``expert_dropout`` each training item's condition is also built without a random share of the other
+experts, so the generator sees conditions whose nearest experts are farther away, as they are for a
+new task unlike any in the zoo (our addition; the paper's training conditions are fixed).
 
 A description is *covered* when its best expert similarity reaches a threshold calibrated on the
 zoo: the lowest leave-one-out nearest-expert similarity among the experts, less a margin, and never
@@ -45,6 +48,9 @@ class SemanticSpec:
         margin: how far below the zoo's lowest leave-one-out nearest-expert similarity a description
             may fall and still be covered (and how far above random strings the threshold stays).
         noise_strings: random strings embedded to keep the threshold above what noise reaches (0: none).
+        expert_dropout: in training only, each other expert is left out of a seen task's condition with
+            this probability, drawn anew for every item (at least one is kept; 0: the fixed leave-self-out
+            condition, as in the paper).
     """
 
     top_k: int = 4
@@ -52,6 +58,7 @@ class SemanticSpec:
     checkpoints: int = 0
     margin: float = 0.05
     noise_strings: int = 32
+    expert_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.top_k < 1:
@@ -62,6 +69,8 @@ class SemanticSpec:
             raise ValueError(f"semantic.checkpoints must be >= 0, got {self.checkpoints}")
         if self.noise_strings < 0:
             raise ValueError(f"semantic.noise_strings must be >= 0, got {self.noise_strings}")
+        if not 0 <= self.expert_dropout < 1:
+            raise ValueError(f"semantic.expert_dropout must be in [0, 1), got {self.expert_dropout}")
 
 
 def expert_moments(checkpoints: Tensor, last: int = 0) -> tuple[Tensor, Tensor]:
@@ -75,14 +84,17 @@ def expert_moments(checkpoints: Tensor, last: int = 0) -> tuple[Tensor, Tensor]:
 
 
 def expert_weights(query: Tensor, keys: Tensor, top_k: int, temperature: float,
-                   exclude: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                   exclude: int | Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(E,) query and (T, E) expert embeddings -> indices (K,), alpha (K,) and cosine similarities (K,)
-    of the top-K experts, best first; ``exclude`` leaves one expert out (a seen task's own)."""
+    of the top-K experts, best first; ``exclude`` leaves experts out: one index (a seen task's own) or
+    a (T,) boolean mask."""
     sims = torch.nn.functional.cosine_similarity(query.float().unsqueeze(0), keys.float(), dim=-1)  # (T,)
+    left = 0
     if exclude is not None:
         sims = sims.clone()
         sims[exclude] = float("-inf")
-    k = min(top_k, len(keys) - (exclude is not None))
+        left = int(exclude.sum()) if isinstance(exclude, Tensor) and exclude.dtype == torch.bool else 1
+    k = min(top_k, len(keys) - left)
     if k < 1:
         raise ValueError("no expert left to mix: the zoo needs at least two tasks to leave one out")
     top = sims.topk(k)
@@ -98,7 +110,7 @@ def moment_match(alpha: Tensor, means: Tensor, variances: Tensor) -> tuple[Tenso
 
 
 def prior_condition(query: Tensor, keys: Tensor, means: Tensor, variances: Tensor, spec: SemanticSpec,
-                    exclude: int | None = None) -> tuple[Tensor, dict[int, float], float]:
+                    exclude: int | Tensor | None = None) -> tuple[Tensor, dict[int, float], float]:
     """The condition c = [mu*, var*] (2 D,) of a description embedding, the experts drawn on
     (index -> alpha) and the best similarity."""
     idx, alpha, sims = expert_weights(query, keys, spec.top_k, spec.temperature, exclude)
@@ -110,6 +122,19 @@ def leave_self_out_conditions(keys: Tensor, means: Tensor, variances: Tensor, sp
     """(T, 2 D): each expert's condition from the others, as a task outside the zoo would get it."""
     return torch.stack([prior_condition(keys[t], keys, means, variances, spec, exclude=t)[0]
                         for t in range(len(keys))])
+
+
+def dropout_condition(task: int, keys: Tensor, means: Tensor, variances: Tensor, spec: SemanticSpec,
+                      generator: torch.Generator | None = None) -> Tensor:
+    """(2 D,) a seen task's training condition from the other experts, each left out with probability
+    ``spec.expert_dropout`` (the one most similar to the task is kept if none would be)."""
+    drop = torch.rand(len(keys), generator=generator) < spec.expert_dropout  # (T,)
+    drop[task] = True
+    if drop.all():
+        sims = torch.nn.functional.cosine_similarity(keys[task].float().unsqueeze(0), keys.float(), dim=-1)
+        sims[task] = float("-inf")
+        drop[sims.argmax()] = False
+    return prior_condition(keys[task], keys, means, variances, spec, exclude=drop)[0]
 
 
 def threshold(keys: Tensor, margin: float, noise: Tensor | None = None) -> float:

@@ -71,6 +71,35 @@ def test_leave_self_out_conditions_never_see_the_task_itself():
     assert torch.equal(again[0], conds[0]) and not torch.equal(again[1:], conds[1:])
 
 
+def test_expert_dropout_builds_training_conditions_from_a_random_share_of_the_others():
+    torch.manual_seed(0)
+    keys, means, variances = torch.randn(6, 4), torch.randn(6, 3), torch.rand(6, 3)
+    spec = SemanticSpec(top_k=2, temperature=0.2, expert_dropout=0.5)
+    gen = torch.Generator().manual_seed(1)
+    drop = torch.rand(6, generator=gen) < 0.5  # the draw dropout_condition makes with the same seed
+    drop[3] = True
+    cond = semantic.dropout_condition(3, keys, means, variances, spec, torch.Generator().manual_seed(1))
+    # by hand: the top 2 of the experts kept, never task 3 itself
+    kept = (~drop).nonzero().squeeze(1)
+    sims = torch.nn.functional.cosine_similarity(keys[3:4], keys[kept], dim=-1)
+    top = sims.topk(min(2, len(kept)))
+    alpha = torch.softmax(top.values / 0.2, 0)
+    mu, var = semantic.moment_match(alpha, means[kept][top.indices], variances[kept][top.indices])
+    assert torch.allclose(cond, torch.cat([mu, var]))
+    # every draw leaves the task out, and the conditions vary from draw to draw
+    means2 = means.clone()
+    means2[3] = 100.0
+    draws = torch.stack([semantic.dropout_condition(3, keys, means2, variances, spec) for _ in range(50)])
+    assert draws[:, :3].abs().max() < 100 and len(torch.unique(draws, dim=0)) > 1
+    # nearly everything dropped: the nearest other expert is kept
+    spec = SemanticSpec(top_k=2, expert_dropout=0.999999)
+    nearest = torch.nn.functional.cosine_similarity(keys[3:4], keys, dim=-1).index_fill(0, torch.tensor([3]), -2).argmax()
+    alone = semantic.dropout_condition(3, keys, means, variances, spec)
+    assert torch.allclose(alone, torch.cat([means[nearest], variances[nearest]]))
+    with pytest.raises(ValueError, match="expert_dropout"):
+        SemanticSpec(expert_dropout=1.0)
+
+
 def test_threshold_is_the_lowest_leave_one_out_similarity_less_the_margin():
     keys = torch.tensor([[1.0, 0.0, 0.0], [0.8, 0.6, 0.0], [0.0, 0.6, 0.8]])
     # nearest others: 0 -> 1 (0.8), 1 -> 0 (0.8), 2 -> 1 (0.36): the lowest is 0.36
@@ -162,6 +191,19 @@ def test_a_trained_generator_decodes_with_the_correction_scale_it_is_loaded_with
     assert torch.equal(none[:, 0], c[:, :d])
     half = ICMLoRA.load_from_checkpoint(ckpt, map_location="cpu", correction_scale=0.5).generate(c, mean=True)
     assert torch.allclose(half[:, 0], c[:, :d] + 0.5 * (out - c[:, :d]), atol=1e-5)
+
+
+def test_expert_dropout_redraws_training_conditions_only(sg_run, tmp_path):
+    work, common = sg_run
+    cli = main(["fit", *common[:-2], "--data.semantic.expert_dropout", "0.5", "--trainer.max_epochs", "1",
+                "--trainer.default_root_dir", str(tmp_path)])
+    dm = cli.datamodule
+    train, val = dm.train_dataloader().dataset, dm.val_dataloader().dataset
+    task = train.items[0][0]
+    draws = torch.stack([train[0]["condition"] for _ in range(40)])
+    assert len(torch.unique(draws, dim=0)) > 1  # redrawn for every item
+    i = next(i for i, (t, _) in enumerate(val.items) if t == task)
+    assert torch.equal(val[i]["condition"], dm.conditions[task])  # validation keeps the fixed leave-self-out one
 
 
 def test_predict_description_writes_a_peft_folder_naming_its_experts(sg_run, capsys):
