@@ -540,8 +540,9 @@ def generator_key(cfg) -> str:
     trainer = {k: v for k, v in plain["trainer"].items() if k not in ("logger", "default_root_dir")}
     if not plain["model"].get("mixup"):  # off: the key of releases before the option, so their generators stay valid
         plain["model"].pop("mixup", None)
-    if not (plain["data"].get("semantic") or {}).get("expert_dropout"):  # likewise
-        plain["data"].get("semantic", {}).pop("expert_dropout", None)
+    semantic = plain["data"].get("semantic") or {}
+    if not semantic.get("expert_dropout"):  # likewise
+        semantic.pop("expert_dropout", None)
     for name in DECODING_ARGS:  # read at generation only: one trained generator serves every value
         plain["model"].pop(name, None)
     return fingerprint({"seed": plain.get("seed_everything"), "trainer": trainer}

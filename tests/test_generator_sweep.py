@@ -103,6 +103,19 @@ def test_mixup_off_and_decoding_settings_keep_the_generator_key_and_mixup_on_cha
     assert generator_key(cfg(latent_dim=8, correction_scale=0.5)) == earlier  # read at generation only
 
 
+def test_expert_dropout_off_keeps_the_generator_key_and_on_changes_it():
+    from jsonargparse import Namespace
+
+    def cfg(semantic):
+        return Namespace(seed_everything=0, trainer=Namespace(max_epochs=2, logger=None), model=Namespace(latent_dim=8),
+                         data=Namespace(zoo_dir="zoo", semantic=semantic), eval=Namespace(num_samples=1), checkpoint=None)
+
+    earlier = generator_key(cfg(Namespace(top_k=8)))  # a release without the option
+    assert generator_key(cfg(Namespace(top_k=8, expert_dropout=0.0))) == earlier
+    assert generator_key(cfg(Namespace(top_k=8, expert_dropout=0.25))) != earlier
+    assert generator_key(cfg(None)) != earlier  # no semantic section at all (a task-vector config) still keys
+
+
 def test_forget_other_settings_keeps_a_current_folder(tmp_path):
     folder = tmp_path / "gen"
     (folder / "checkpoints").mkdir(parents=True)
