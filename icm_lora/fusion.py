@@ -389,8 +389,8 @@ class LatentFusion:
         weights = spec.normalized_weights(len(points)) * spec.scale
         start = pcgrad(points) if spec.rule == "pcgrad" else points
         info: dict = {"decode": "each", "anchor": spec.anchor}
-        with torch.no_grad():
-            at_points = self.decode_all(points)  # (T, D)
+        with torch.no_grad():  # (T, D) the decoded LoRAs at the tasks' points: what an anchor is moved from
+            at_points = self.decode_all(points) if spec.anchor != "decoded" else None
         if spec.anchor == "own":
             if own is None:
                 raise FusionError("fusion.anchor own needs every task's own LoRA: zoo tasks only")

@@ -89,12 +89,11 @@ def expert_weights(query: Tensor, keys: Tensor, top_k: int, temperature: float,
     of the top-K experts, best first; ``exclude`` leaves experts out: one index (a seen task's own) or
     a (T,) boolean mask."""
     sims = torch.nn.functional.cosine_similarity(query.float().unsqueeze(0), keys.float(), dim=-1)  # (T,)
-    left = 0
+    out = torch.zeros(len(keys), dtype=torch.bool)  # (T,) the experts left out
     if exclude is not None:
-        sims = sims.clone()
-        sims[exclude] = float("-inf")
-        left = int(exclude.sum()) if isinstance(exclude, Tensor) and exclude.dtype == torch.bool else 1
-    k = min(top_k, len(keys) - left)
+        out[exclude] = True  # an index or a mask alike
+    sims = sims.masked_fill(out, float("-inf"))
+    k = min(top_k, len(keys) - int(out.sum()))
     if k < 1:
         raise ValueError("no expert left to mix: the zoo needs at least two tasks to leave one out")
     top = sims.topk(k)
