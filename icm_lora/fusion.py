@@ -39,7 +39,10 @@ and the generator steers it.
 
 ``holdout_tokens`` > 0 keeps the tokens of each task's demonstrations that follow the fitted ones out of
 the fit: ``optimize`` returns the step whose objective on them is lowest (the step is chosen on text
-the steps never saw, so a long or fast descent cannot overfit the few fitted tokens unnoticed).
+the steps never saw, so a long or fast descent cannot overfit the few fitted tokens unnoticed). ``guard``
+adds a condition: a step is returned only if no task's lag there is above its lag at the start (by
+more than ``guard``), so the fit cannot buy the mean with one task (with ``anchor: merged``, no task
+ends worse than under the merge it starts from, on the text the step is chosen on).
 """
 
 from __future__ import annotations
@@ -95,6 +98,9 @@ class FusionSpec:
         block_size: ``optimize``: tokens per block.
         focus: ``optimize``: 0 minimises the weighted mean of the tasks' lags (``DemoLoss``); > 0 their
             smooth maximum at this temperature (the lagging task weighs more).
+        guard: ``optimize``: None, or the most any task's lag may rise above its lag at the start for a step
+            to be returned, measured where the step is chosen (the held-out demonstrations with
+            ``holdout_tokens``): 0 returns only steps that leave no task worse than the start there.
         precision: ``optimize``: ``auto``, ``bf16`` or ``fp32`` for the base model's forward.
         seed: seed of anything random.
     """
@@ -113,6 +119,7 @@ class FusionSpec:
     holdout_tokens: int = 0
     block_size: int = 128
     focus: float = 0.0
+    guard: float | None = None
     precision: str = "auto"
     seed: int = 0
 
@@ -135,6 +142,8 @@ class FusionSpec:
         if not 0 < self.density <= 1 or self.steps < 0 or self.focus < 0 or self.demo_tokens < 2:
             raise FusionError(f"need 0 < density <= 1, steps >= 0, focus >= 0 and demo_tokens >= 2, got "
                              f"{self.density}, {self.steps}, {self.focus}, {self.demo_tokens}")
+        if self.guard is not None and not self.guard >= 0:
+            raise FusionError(f"fusion.guard must be unset (off) or >= 0, got {self.guard}")
         if self.holdout_tokens != 0 and self.holdout_tokens < 2:
             raise FusionError(f"fusion.holdout_tokens must be 0 (off) or >= 2, got {self.holdout_tokens}")
 
@@ -321,19 +330,32 @@ def objective(lag: Tensor, weights: Tensor, focus: float) -> Tensor:
 
 
 def descend(params: list[Tensor], fit: Callable[[], Tensor], check: Callable[[], Tensor] | None, steps: int,
-            lr: float) -> tuple[list[Tensor], dict]:
-    """``steps`` Adam steps on ``params`` minimising ``fit()`` -> their values at the step where ``check()``
-    (``fit()`` when None) was lowest, the start included, and the objectives at the start and there."""
+            lr: float, reduce: Callable[[Tensor], Tensor] = torch.sum,
+            guard: float | None = None) -> tuple[list[Tensor], dict]:
+    """``steps`` Adam steps on ``params`` minimising ``reduce(fit())`` -> their values at the step where
+    ``reduce(check())`` (``fit()`` when ``check`` is None) was lowest, the start included, and what was done.
+
+    ``fit`` and ``check`` return the (T,) per-task losses. With ``guard`` set, a step is eligible only if
+    no task's ``check`` loss is above its loss at the start by more than ``guard``: the returned step
+    never trades one task for the others on the text it is chosen on (the start is always eligible).
+    """
     opt = torch.optim.Adam(params, lr=lr)
     best: dict = {}
+    refused = 0
     for step in range(steps + 1):
-        value = fit()
+        lags = fit()
+        value = reduce(lags)
         with torch.no_grad():
-            judged = value.item() if check is None else check().item()
+            judged_lags = lags.detach() if check is None else check().detach()
+            judged = reduce(judged_lags).item()
         if step == 0:
             start = {"demo_objective_start": value.item()} | ({} if check is None else {"holdout_objective_start": judged})
-        if not best or judged < best["judged"]:
-            best = {"judged": judged, "fit": value.item(), "step": step, "params": [p.detach().clone() for p in params]}
+            start_lags = judged_lags
+        eligible = guard is None or bool((judged_lags <= start_lags + guard).all())
+        refused += not eligible
+        if eligible and (not best or judged < best["judged"]):
+            best = {"judged": judged, "fit": value.item(), "step": step, "lags": judged_lags,
+                    "params": [p.detach().clone() for p in params]}
         if step == steps:
             break
         opt.zero_grad()
@@ -342,6 +364,9 @@ def descend(params: list[Tensor], fit: Callable[[], Tensor], check: Callable[[],
     info = start | {"demo_objective_best": best["fit"], "best_step": best["step"], "steps": steps}
     if check is not None:
         info["holdout_objective_best"] = best["judged"]
+    if guard is not None:  # each task's loss on the text the step is chosen on, at the start and there
+        info |= {"guard": guard, "steps_refused_by_guard": refused, "task_lags_start": start_lags.flatten().tolist(),
+                 "task_lags_best": best["lags"].flatten().tolist()}
     return best["params"], info
 
 
@@ -414,11 +439,12 @@ class LatentFusion:
         point = start.clone().requires_grad_(True)
         log_gain = torch.zeros(len(points), requires_grad=True)  # each task's weight, relative to its start
 
-        def judge(on: StackedLoss) -> Callable[[], Tensor]:
-            return lambda: objective(on(*loras(point, weights * log_gain.exp())), base_weights, spec.focus)
+        def lags(on: StackedLoss) -> Callable[[], Tensor]:
+            return lambda: on(*loras(point, weights * log_gain.exp()))
 
-        (best, gain), found = descend([point, log_gain], judge(loss), None if check is None else judge(check),
-                                      spec.steps, spec.lr)
+        (best, gain), found = descend([point, log_gain], lags(loss), None if check is None else lags(check),
+                                      spec.steps, spec.lr, lambda lag: objective(lag, base_weights, spec.focus),
+                                      spec.guard)
         fitted = weights * gain.exp()
         info |= {"weights": fitted.tolist()} | found
         with torch.no_grad():
@@ -439,10 +465,10 @@ class LatentFusion:
             raise FusionError("fusion.rule optimize needs the tasks' demonstrations")
         point = start.clone().requires_grad_(True)
 
-        def judge(on: DemoLoss) -> Callable[[], Tensor]:
-            return lambda: objective(on(self.decode(point)), weights, spec.focus)
+        def lags(on: DemoLoss) -> Callable[[], Tensor]:
+            return lambda: on(self.decode(point))
 
-        (best,), found = descend([point], judge(loss), None if check is None else judge(check), spec.steps,
-                                 spec.lr)
+        (best,), found = descend([point], lags(loss), None if check is None else lags(check), spec.steps, spec.lr,
+                                 lambda lag: objective(lag, weights, spec.focus), spec.guard)
         with torch.no_grad():
             return self.decode(best), info | found

@@ -69,6 +69,8 @@ def test_fusion_settings_are_checked():
     assert FusionSpec(decode="each", anchor="merged", anchor_merge={"keep": 0.5}).merge_spec().method == "tsv_m"
     with pytest.raises(FusionError, match="holdout_tokens must be 0"):
         FusionSpec(holdout_tokens=1)
+    with pytest.raises(FusionError, match="guard must be unset"):
+        FusionSpec(guard=-0.1)
 
 
 def test_the_step_is_chosen_on_the_held_out_objective():
@@ -89,6 +91,27 @@ def test_the_step_is_chosen_on_the_held_out_objective():
     x = torch.zeros(1, requires_grad=True)
     (best,), info = descend([x], fit, lambda: (x + 1.0).pow(2).sum(), steps=5, lr=0.1)
     assert best.item() == 0.0 and info["best_step"] == 0  # every step hurts the held-out part: the start is kept
+
+
+def test_the_guard_returns_no_step_that_leaves_a_task_worse_than_the_start():
+    """With a guard, the step is the best of those where no task's held-out loss rose above its start."""
+    from icm_lora.fusion import descend
+
+    def run(guard):
+        x = torch.zeros(1, requires_grad=True)
+        fit = lambda: torch.stack([(x - 2.0).pow(2).sum(), (x - 2.0).pow(2).sum()])  # noqa: E731  both pull to 2
+        # held out: task 0 likes x near 2 and drops a lot; task 1 likes x near 0.3 and rises slowly past it
+        check = lambda: torch.stack([(x - 2.0).pow(2).sum(), 0.1 * (x - 0.3).pow(2).sum()])  # noqa: E731
+        return descend([x], fit, check, steps=40, lr=0.1, guard=guard)
+
+    (free,), info = run(None)
+    assert free.item() > 1.5 and "task_lags_start" not in info  # the mean trades task 1 for task 0
+    (kept,), info = run(0.0)
+    assert 0 < kept.item() <= 0.6 + 1e-6  # task 1's held-out loss is at most its start's 0.009 up to x = 0.6
+    assert info["task_lags_best"][1] <= info["task_lags_start"][1] and info["steps_refused_by_guard"] > 0
+    assert info["holdout_objective_best"] < info["holdout_objective_start"]  # still a step that helps the sum
+    (loose,), info = run(0.1)
+    assert kept.item() < loose.item()  # a looser guard lets more of the trade through
 
 
 def test_fuse_through_the_cli_writes_a_folder_plain_peft_loads(tiny_run, monkeypatch):
@@ -265,9 +288,10 @@ def test_optimize_fits_the_fused_point_on_the_demonstrations(tiny_run, monkeypat
                             overrides=["--data.zoo_dir", str(tiny_run / "zoo"), "--fusion.rule", "optimize",
                                        "--fusion.decode", "each", "--fusion.anchor", "merged", "--fusion.steps", "8",
                                        "--fusion.lr", "0.5", "--fusion.precision", "fp32", "--fusion.demo_tokens", "24",
-                                       "--fusion.holdout_tokens", "24"])
+                                       "--fusion.holdout_tokens", "24", "--fusion.guard", "0"])
     record = files.read_json(steered / GENERATION)
     assert record["anchor"] == "merged" and record["holdout_objective_best"] <= record["holdout_objective_start"]
+    assert all(b <= s for b, s in zip(record["task_lags_best"], record["task_lags_start"], strict=True))
     assert 0 <= record["best_step"] <= 8 and record["fusion"]["holdout_tokens"] == 24
     with pytest.raises(FusionError, match="fewer than 10002 tokens"):  # the held-out part must exist
         fuse_adapters(TINY, ["legal", "python"], ckpt, output_dir=tiny_run / "optimised", name="none_held_out",
